@@ -1,0 +1,57 @@
+# One command sets up a fresh machine: every target below creates .venv and installs into it when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+DATA   ?= data/synth
+RUN    ?= runs/demo
+OUT    ?= $(RUN)/submission.csv
+SYNTH_ARGS ?= --individuals 300 --seed 0
+ARGS   ?=
+
+.PHONY: setup demo synth train predict evaluate test lint bench ablate clean
+
+$(BIN)/reid: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/reid
+
+$(DATA)/train.csv: | $(BIN)/reid
+	$(BIN)/reid synth $(DATA) $(SYNTH_ARGS)
+
+synth: $(DATA)/train.csv
+
+# synthetic data -> train (skipped when the run is already finished) -> predict -> score
+demo: $(DATA)/train.csv
+	@start=$$(date +%s); \
+	if [ -f $(RUN)/best.pt ] && [ -f $(RUN)/report.html ]; then echo "$(RUN) is trained; delete it to train again"; \
+	else $(BIN)/reid train --config $(CONFIG) --data $(DATA) --out $(RUN) --force $(ARGS) || exit 1; fi; \
+	$(BIN)/reid predict --run $(RUN) --data $(DATA) --out $(OUT) --force || exit 1; \
+	$(BIN)/reid evaluate $(OUT) $(DATA)/solution.csv || exit 1; \
+	echo "demo: $$(( $$(date +%s) - start )) s for train + predict + evaluate; report: $(RUN)/report.html"
+
+train: | $(BIN)/reid
+	$(BIN)/reid train --config $(CONFIG) --data $(DATA) --out $(RUN) $(ARGS)
+
+predict: | $(BIN)/reid
+	$(BIN)/reid predict --run $(RUN) --data $(DATA) --out $(OUT) $(ARGS)
+
+evaluate: | $(BIN)/reid
+	$(BIN)/reid evaluate $(OUT) $(DATA)/solution.csv
+
+test: | $(BIN)/reid
+	$(BIN)/python -m pytest -q
+
+lint: | $(BIN)/reid
+	$(BIN)/ruff check reid scripts tests
+
+bench: | $(BIN)/reid
+	$(BIN)/python scripts/bench.py
+
+ablate: | $(BIN)/reid
+	$(BIN)/python scripts/ablate.py
+
+clean:
+	rm -rf runs/demo $(DATA)

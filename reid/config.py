@@ -1,0 +1,242 @@
+"""One typed config: defaults live here, YAML files and ``key=value`` overrides change them."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth"
+    image_size: int = 128
+    crops: list[str] = field(default_factory=lambda: ["crops.csv"])  # box files under root; absent ones are skipped
+    crop_probs: list[float] = field(default_factory=list)  # chance of each box file per training photo
+    crop_margin: float = 0.1  # share of the box side added on each side
+    crop_jitter: float = 0.05  # random change of that margin in training
+    cache: bool = False  # read photos from the cache written by `reid prepare`
+    cache_dir: str = ""  # default: ROOT/.reid_cache
+    num_workers: int = 2
+    pin_memory: bool = True  # only used on GPU
+    persistent_workers: bool = True
+    bad_images: str = "error"  # error: stop and name the file; skip: drop it with a warning and a count
+
+
+@dataclass
+class SplitConfig:
+    kind: str = "holdout"  # holdout (mimics test) | kfold | stratified | group
+    val_fraction: float = 0.15  # holdout: share of photos in validation
+    new_share: float = 0.25  # holdout: share of validation photos whose individual is absent from train
+    folds: int = 5
+    fold: int = 0
+    seed: int = 0
+
+
+@dataclass
+class AugConfig:
+    hflip: float = 0.5
+    color: float = 0.5  # hue / saturation / contrast / brightness
+    affine: float = 0.5  # shift, scale, rotate
+    erasing: float = 0.0  # random erasing (coarse dropout) probability
+    mixup: float = 0.0  # Beta(a, a) parameter; 0 turns it off
+    cutmix: float = 0.0  # Beta(a, a) parameter; 0 turns it off
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_b0"
+    pretrained: bool = False
+    weights: str = ""  # local weight file for the backbone (offline alternative to `pretrained`)
+    out_indices: list[int] = field(default_factory=lambda: [3, 4])
+    pooling: str = "gem"  # gem | avg
+    gem_p: float = 3.0
+    embedding_dim: int = 512
+    drop_rate: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    head: str = "arcface"  # arcface | subcenter
+    scale: float = 30.0
+    margin: float = 0.3  # additive angular margin in radians, as in the ArcFace paper
+    sub_centers: int = 3
+    label_smoothing: float = 0.0
+    head_lr_mult: float = 10.0  # the class centres start random: they learn faster than the backbone
+    species_weight: float = 0.0  # weight of a species classification head; 0 turns it off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # cosine | step
+    amp: bool = True  # mixed precision, GPU only
+    channels_last: bool = True  # GPU only
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    val_every: int = 1
+    max_steps_per_epoch: int = 0  # 0: the whole epoch
+    grad_clip: float = 5.0
+
+
+@dataclass
+class PredictConfig:
+    batch_size: int = 64
+    flip_tta: bool = True
+    k: int = 50  # neighbours fetched per query
+    threshold: float | None = None  # None: the threshold tuned on validation
+    gallery: str = "photo"  # photo | individual (mean embedding per individual)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+CHOICES = {
+    "data.bad_images": {"error", "skip"},
+    "split.kind": {"holdout", "kfold", "stratified", "group"},
+    "model.pooling": {"gem", "avg"},
+    "loss.head": {"arcface", "subcenter"},
+    "train.optimizer": {"adamw", "sgd"},
+    "train.schedule": {"cosine", "step"},
+    "train.device": {"auto", "cpu", "cuda"},
+    "predict.gallery": {"photo", "individual"},
+}
+RANGES = {  # inclusive bounds
+    "data.image_size": (16, 4096), "data.crop_margin": (0.0, 2.0), "data.crop_jitter": (0.0, 1.0),
+    "data.num_workers": (0, 256), "split.val_fraction": (0.0, 0.9), "split.new_share": (0.0, 1.0),
+    "split.folds": (2, 100), "split.fold": (0, 99), "aug.hflip": (0.0, 1.0), "aug.color": (0.0, 1.0),
+    "aug.affine": (0.0, 1.0), "aug.erasing": (0.0, 1.0), "aug.mixup": (0.0, 100.0), "aug.cutmix": (0.0, 100.0),
+    "model.gem_p": (1.0, 20.0), "model.embedding_dim": (2, 65536), "model.drop_rate": (0.0, 1.0),
+    "loss.scale": (1.0, 1000.0), "loss.margin": (0.0, 1.5), "loss.sub_centers": (1, 100),
+    "loss.label_smoothing": (0.0, 0.99), "loss.head_lr_mult": (0.0, 1e4), "loss.species_weight": (0.0, 100.0),
+    "train.epochs": (1, 100000), "train.batch_size": (2, 65536), "train.lr": (0.0, 10.0),
+    "train.weight_decay": (0.0, 10.0), "train.warmup_epochs": (0.0, 1000.0), "train.val_every": (1, 100000),
+    "train.max_steps_per_epoch": (0, 10**9), "train.grad_clip": (0.0, 1e6), "predict.batch_size": (1, 65536),
+    "predict.k": (1, 2048), "predict.threshold": (-1.0, 1.0),
+}
+
+
+def _coerce(key: str, value, hint):
+    """Check `value` against the type hint `hint`, converting int to float where a float is expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and value is None:
+        return ""
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of updates to a dataclass in place, naming any unknown key or wrong type."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in updates.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown config key '{name}'; known keys here: {known}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{name}.")
+        else:
+            setattr(obj, key, _coerce(name, value, hints[key]))
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raise ConfigError naming the key."""
+    flat = to_dict(cfg)
+    for key, allowed in CHOICES.items():
+        value = _lookup(flat, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {sorted(allowed)}, got {value!r}")
+    for key, (lo, hi) in RANGES.items():
+        value = _lookup(flat, key)
+        if value is not None and not lo <= value <= hi:
+            raise ConfigError(f"config key '{key}' must be between {lo} and {hi}, got {value!r}")
+    if cfg.data.crop_probs and len(cfg.data.crop_probs) != len(cfg.data.crops):
+        raise ConfigError("config key 'data.crop_probs' needs one probability per entry of 'data.crops'")
+    if cfg.split.fold >= cfg.split.folds:
+        raise ConfigError(f"config key 'split.fold' must be below split.folds={cfg.split.folds}")
+    return cfg
+
+
+def _lookup(flat: dict, dotted: str):
+    section, key = dotted.split(".")
+    return flat[section][key]
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``a.b=value`` into ``{"a": {"b": value}}``, the value read as YAML (so 3, 0.1, true, [3, 4] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from err
+    out: dict = {}
+    node = out
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then the overrides, validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        _merge(cfg, data)
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

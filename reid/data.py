@@ -1,0 +1,402 @@
+"""Reading the Kaggle layout: CSV validation, species names, splits, photo decoding and crops, Dataset, collate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+# The real train.csv spells some species in two ways; 30 labels become 26.
+SPECIES_FIXES = {
+    "bottlenose_dolpin": "bottlenose_dolphin",
+    "kiler_whale": "killer_whale",
+    "globis": "short_finned_pilot_whale",
+    "pilot_whale": "short_finned_pilot_whale",
+}
+KNOWN_SPECIES = {
+    "beluga", "blue_whale", "bottlenose_dolphin", "brydes_whale", "commersons_dolphin", "common_dolphin",
+    "cuviers_beaked_whale", "dusky_dolphin", "false_killer_whale", "fin_whale", "frasiers_dolphin", "gray_whale",
+    "humpback_whale", "killer_whale", "long_finned_pilot_whale", "melon_headed_whale", "minke_whale",
+    "pantropic_spotted_dolphin", "pygmy_killer_whale", "rough_toothed_dolphin", "sei_whale",
+    "short_finned_pilot_whale", "southern_right_whale", "spinner_dolphin", "spotted_dolphin", "white_sided_dolphin",
+}
+NEW = "new_individual"
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file and rows."""
+
+
+class BadImage(DataError):
+    """A photo that cannot be decoded."""
+
+
+def _rows(mask: pd.Series, limit: int = 5) -> str:
+    """CSV line numbers (header is line 1) of the rows where `mask` holds."""
+    lines = (np.flatnonzero(mask.to_numpy()) + 2).tolist()
+    more = f" and {len(lines) - limit} more" if len(lines) > limit else ""
+    return ", ".join(map(str, lines[:limit])) + more
+
+
+def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    """Read a CSV as strings (BOM, CRLF and quotes handled), checking that `required` columns exist."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: --data must be a folder in the Kaggle layout (train.csv, train_images/)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a readable CSV: {err}") from err
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {missing}; it has {list(df.columns)}")
+    extra = [c for c in df.columns if c not in required]
+    if extra:
+        log.info("%s: ignoring extra column(s) %s", path, extra)
+    return df[required].apply(lambda col: col.str.strip())
+
+
+def check_names(df: pd.DataFrame, path: Path) -> None:
+    """Image names must be plain file names: no folders, no '..', nothing that could leave the data folder."""
+    bad = df.image.str.contains(r"[/\\]|^\.\.?$|\x00", regex=True) | (df.image == "")
+    if bad.any():
+        raise DataError(f"{path}: rows {_rows(bad)} have an empty image name or one with a path separator or '..' "
+                        f"(e.g. {df.image[bad].iloc[0]!r}); use plain file names inside the image folder")
+
+
+def safe_path(folder: Path, name: str) -> Path:
+    """The file `name` inside `folder`, refusing anything (links included) that resolves outside it."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise DataError(f"image {name!r} resolves to {path}, outside {folder}; refusing to read it")
+    return path
+
+
+def normalize_species(species: pd.Series) -> pd.Series:
+    """Map the real set's misspellings to one name each, logging what changed and any unknown name."""
+    fixed = species.replace(SPECIES_FIXES)
+    changed = fixed != species
+    for old, count in species[changed].value_counts().items():
+        log.info("species: %d row(s) '%s' -> '%s'", count, old, SPECIES_FIXES[old])
+    unknown = sorted(set(fixed) - KNOWN_SPECIES - {""})
+    if unknown:
+        log.warning("species not in the Happywhale list, kept as they are: %s", unknown)
+    return fixed
+
+
+def read_train(root: Path, bad_images: str = "error") -> pd.DataFrame:
+    """train.csv validated: columns, empty ids, duplicates, names, files present. Adds a `path` column."""
+    path = root / "train.csv"
+    df = read_csv(path, ["image", "species", "individual_id"])
+    check_names(df, path)
+    empty = df.individual_id == ""
+    if empty.any():
+        raise DataError(f"{path}: rows {_rows(empty)} have an empty individual_id; fill them or delete the rows")
+    twins = df.duplicated(keep="first")
+    if twins.any():
+        log.warning("%s: dropping %d exact duplicate row(s): lines %s", path, twins.sum(), _rows(twins))
+        df = df[~twins].reset_index(drop=True)
+    clash = df.image.duplicated(keep=False)
+    if clash.any():
+        raise DataError(f"{path}: rows {_rows(clash)} give the same image different individual_ids; keep one")
+    df["species"] = normalize_species(df.species)
+    folder = root / "train_images"
+    df["path"] = [str(safe_path(folder, name)) for name in df.image]
+    return _drop_missing(df, path, bad_images)
+
+
+def _drop_missing(df: pd.DataFrame, csv: Path, bad_images: str) -> pd.DataFrame:
+    missing = ~df.path.map(lambda p: Path(p).is_file())
+    if not missing.any():
+        return df
+    msg = f"{csv}: rows {_rows(missing)} name image files that do not exist (e.g. {df.path[missing].iloc[0]})"
+    if bad_images == "error":
+        raise DataError(msg + "; restore them, delete the rows, or set data.bad_images=skip")
+    log.warning("%s; skipping %d row(s) (data.bad_images=skip)", msg, missing.sum())
+    return df[~missing].reset_index(drop=True)
+
+
+def list_test(root: Path) -> pd.DataFrame:
+    """Test photos in the order of sample_submission.csv when there is one, else every file of test_images/."""
+    folder = root / "test_images"
+    sample = root / "sample_submission.csv"
+    if sample.is_file():
+        df = read_csv(sample, ["image", "predictions"])[["image"]]
+        check_names(df, sample)
+    elif folder.is_dir():
+        df = pd.DataFrame({"image": sorted(p.name for p in folder.iterdir() if p.is_file())})
+    else:
+        raise DataError(f"{root} has neither sample_submission.csv nor test_images/: nothing to predict")
+    if df.empty:
+        raise DataError(f"no test photos: {sample if sample.is_file() else folder} is empty")
+    df["path"] = [str(safe_path(folder, name)) for name in df.image]
+    return df
+
+
+def read_boxes(root: Path, names: list[str]) -> list[dict[str, tuple[float, ...]]]:
+    """One {image: (x1, y1, x2, y2)} per box file that exists under `root`."""
+    out = []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            log.info("box file %s not found: those photos are used whole", path)
+            continue
+        df = read_csv(path, ["image", "x1", "y1", "x2", "y2"])
+        coords = df[["x1", "y1", "x2", "y2"]].apply(pd.to_numeric, errors="coerce")
+        bad = coords.isna().any(axis=1)
+        if bad.any():
+            log.warning("%s: rows %s have non-numeric boxes; those photos are used whole", path, _rows(bad))
+        out.append({img: tuple(row) for img, row, b in zip(df.image, coords.to_numpy(), bad, strict=True) if not b})
+    return out
+
+
+# ---------------------------------------------------------------- splits
+
+
+def holdout_split(df: pd.DataFrame, val_fraction: float, new_share: float, seed: int) -> np.ndarray:
+    """A validation mask that mimics the test set: `new_share` of its photos show individuals absent from train,
+    the rest are extra photos of individuals that keep at least one photo in train."""
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(df)))
+    n_new = int(round(new_share * n_val))
+    sizes = df.individual_id.value_counts()
+    new_ids, taken = set(), 0
+    for ind in rng.permutation(sizes.index.to_numpy()):
+        if taken >= n_new:
+            break
+        if taken + sizes[ind] <= n_new:
+            new_ids.add(ind)
+            taken += sizes[ind]
+    is_val = df.individual_id.isin(new_ids).to_numpy(copy=True)
+    order = rng.permutation(len(df))
+    keeper = ~pd.Series(df.individual_id.to_numpy()[order]).duplicated().to_numpy()  # first row seen stays in train
+    spare = order[~keeper & ~is_val[order]]
+    is_val[spare[: max(0, n_val - taken)]] = True
+    return is_val
+
+
+def kfold_split(df: pd.DataFrame, kind: str, folds: int, fold: int, seed: int) -> np.ndarray:
+    """Validation mask of fold `fold`: plain K-fold, stratified by species, or grouped by individual."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+
+    if kind == "kfold":
+        splits = KFold(folds, shuffle=True, random_state=seed).split(df)
+    elif kind == "stratified":
+        splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(df, df.species)
+    else:
+        splits = GroupKFold(folds).split(df, groups=df.individual_id)
+    _, val_idx = list(splits)[fold]
+    mask = np.zeros(len(df), bool)
+    mask[val_idx] = True
+    return mask
+
+
+def split_mask(df: pd.DataFrame, split) -> np.ndarray:
+    """The validation mask the config's `split` section asks for."""
+    if split.kind == "holdout":
+        return holdout_split(df, split.val_fraction, split.new_share, split.seed)
+    return kfold_split(df, split.kind, split.folds, split.fold, split.seed)
+
+
+# ---------------------------------------------------------------- photos
+
+
+def _looks_truncated(path: Path) -> bool:
+    """A JPEG cut short: OpenCV fills the missing part with grey and says nothing, so check the end marker,
+    and where it is not at the end (some cameras append data) let PIL decode the whole file to be sure."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return False
+        f.seek(max(0, path.stat().st_size - 64))
+        if b"\xff\xd9" in f.read():
+            return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except OSError:
+        return True
+    return False
+
+
+def original_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), read from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w
+    return w, h
+
+
+REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+           8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode(path: str | Path, reduce: int = 1) -> np.ndarray:
+    """RGB uint8 at 1/`reduce` scale; EXIF orientation applied; grey, alpha, 16-bit and CMYK made RGB.
+    The file's bytes, not its extension, decide the format."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise BadImage(f"{path}: missing or empty file")
+    if _looks_truncated(path):
+        raise BadImage(f"{path}: truncated JPEG (no end-of-image marker)")
+    img = cv2.imread(str(path), REDUCED[reduce])
+    if img is None:
+        img = _decode_pil(path, reduce)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _decode_pil(path: Path, reduce: int) -> np.ndarray:
+    """Fallback for what OpenCV cannot read; returns BGR like cv2.imread."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            if reduce > 1:
+                im = im.reduce(reduce)
+            return cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadImage(f"{path}: not a readable image ({err})") from err
+
+
+def expand_box(box, margin: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The box grown by `margin` of its size on each side and clipped to the photo; None if degenerate."""
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    bw, bh = x2 - x1, y2 - y1
+    if not (np.isfinite([x1, y1, x2, y2]).all() and bw >= 2 and bh >= 2):
+        return None
+    x1, x2 = max(0, x1 - margin * bw), min(width, x2 + margin * bw)
+    y1, y2 = max(0, y1 - margin * bh), min(height, y2 + margin * bh)
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None
+    return int(x1), int(y1), int(np.ceil(x2)), int(np.ceil(y2))
+
+
+def reduction(region_w: float, region_h: float, size: int) -> int:
+    """Largest JPEG reduction (1, 2, 4, 8) that still leaves the region at least `size` pixels on its short side."""
+    k = 1
+    while k < 8 and min(region_w, region_h) / (2 * k) >= size:
+        k *= 2
+    return k
+
+
+def load_photo(path: str | Path, size: int, box=None, margin: float = 0.0) -> tuple[np.ndarray, bool]:
+    """The photo, cropped to its box (grown by `margin`) and resized to size x size, decoded at reduced scale
+    where the size allows. Returns (RGB image, whether the box was used)."""
+    w, h = original_size(Path(path))
+    region = expand_box(box, margin, w, h)
+    x1, y1, x2, y2 = region or (0, 0, w, h)
+    k = reduction(x2 - x1, y2 - y1, size)
+    img = decode(path, k)
+    sx, sy = img.shape[1] / w, img.shape[0] / h
+    img = img[int(y1 * sy): max(int(y1 * sy) + 1, int(y2 * sy)), int(x1 * sx): max(int(x1 * sx) + 1, int(x2 * sx))]
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA), region is not None
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def build_transform(aug, train: bool):
+    """albumentations pipeline from the `aug` config section; evaluation only normalizes."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    steps = []
+    if train:
+        steps = [
+            A.Affine(scale=(0.85, 1.15), translate_percent=(-0.06, 0.06), rotate=(-12, 12), shear=(-5, 5),
+                     border_mode=cv2.BORDER_REFLECT_101, p=aug.affine),
+            A.HorizontalFlip(p=aug.hflip),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=aug.color),
+            A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.3), hole_width_range=(0.1, 0.3),
+                            fill="random_uniform", p=aug.erasing),
+        ]
+    return A.Compose([*steps, A.Normalize(), ToTensorV2()])
+
+
+class PhotoDataset(Dataset):
+    """Photos with integer labels. An item is an index, or (index, seed) from SeededSampler: then the crop
+    margin, the box file and the augmentation are drawn from that seed, so any worker gives the same result."""
+
+    def __init__(self, paths: list[str], labels: list[int], boxes: list[dict], names: list[str], size: int,
+                 transform=None, margin: float = 0.1, jitter: float = 0.0, box_probs: list[float] | None = None,
+                 cache=None, on_error: str = "raise"):
+        self.on_error = on_error  # raise | blank (a grey photo, reported through index -1)
+        self.paths, self.labels, self.names = list(paths), list(labels), list(names)
+        self.boxes, self.size, self.transform, self.cache = boxes, size, transform, cache
+        self.margin, self.jitter = margin, jitter
+        self.box_probs = np.asarray(box_probs) / np.sum(box_probs) if box_probs else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _box(self, name: str, rng: np.random.Generator | None):
+        if not self.boxes:
+            return None, 0
+        which = rng.choice(len(self.boxes), p=self.box_probs) if rng is not None and len(self.boxes) > 1 else 0
+        return self.boxes[which].get(name), which
+
+    def __getitem__(self, item):
+        idx, seed = item if isinstance(item, tuple) else (item, None)
+        rng = np.random.default_rng(seed) if seed is not None else None
+        box, which = self._box(self.names[idx], rng)
+        margin = self.margin + (rng.uniform(-self.jitter, self.jitter) if rng is not None else 0.0)
+        try:
+            img = self._read(idx, box, which, margin)
+        except BadImage as err:
+            if self.on_error == "raise":
+                raise
+            log.warning("%s; using a blank photo in its place", err)
+            img, idx = np.full((self.size, self.size, 3), 128, np.uint8), -1
+        if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_seed(seed % (1 << 31))
+            img = self.transform(image=img)["image"]
+        return img, self.labels[idx], idx
+
+
+    def _read(self, idx: int, box, which: int, margin: float) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache.load(self.paths[idx], self.names[idx], which, margin, box)
+        return load_photo(self.paths[idx], self.size, box, max(0.0, margin))[0]
+
+
+class SeededSampler(Sampler):
+    """Shuffled indices, each paired with a per-sample seed, both a function of (seed, epoch) only:
+    a run resumed at an epoch boundary sees exactly the batches of an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        seeds = rng.integers(0, 1 << 62, self.n)
+        return iter(zip(order.tolist(), seeds.tolist(), strict=True))
+
+
+def collate(batch: list) -> dict:
+    """Stack photos of possibly different sizes (zero-padded to the largest) with their labels and indices."""
+    images, labels, indices = zip(*batch, strict=True)
+    h = max(im.shape[-2] for im in images)
+    w = max(im.shape[-1] for im in images)
+    out = torch.zeros(len(images), images[0].shape[0], h, w, dtype=images[0].dtype)
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im
+    return {"images": out, "labels": torch.as_tensor(labels), "indices": torch.as_tensor(indices)}

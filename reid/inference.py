@@ -1,0 +1,84 @@
+"""Turning photos into normalized embeddings: datasets from the config, loaders, flip-TTA embedding."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from .data import PhotoDataset, build_transform, collate
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it (no loss scaling needed), else fp16; None on CPU or with amp off."""
+    if device.type != "cuda" or not cfg.train.amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def photo_dataset(df: pd.DataFrame, cfg, boxes: list[dict], train: bool, labels=None, cache=None,
+                  on_error: str = "raise") -> PhotoDataset:
+    d = cfg.data
+    labels = labels if labels is not None else np.zeros(len(df), int)
+    return PhotoDataset(df.path.tolist(), list(labels), boxes, df.image.tolist(), d.image_size,
+                        build_transform(cfg.aug, train), d.crop_margin, d.crop_jitter if train else 0.0,
+                        d.crop_probs or None, cache, on_error)
+
+
+def make_loader(dataset, cfg, device: torch.device, batch_size: int, sampler=None, drop_last: bool = False
+                ) -> DataLoader:
+    """DataLoader with workers, pinned memory and persistent workers from the config (pinning only on GPU)."""
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
+                      num_workers=workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                      persistent_workers=cfg.data.persistent_workers and workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, flip_tta: bool = True,
+          dtype: torch.dtype | None = None, desc: str = "embed") -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32, L2-normalized, with flip TTA the mean of the photo's and its mirror's embeddings;
+    and an (N,) mask of the photos that could be read."""
+    from tqdm import tqdm
+
+    model.eval()
+    out, ok = [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        x = batch["images"].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            e = torch.nn.functional.normalize(model(x).float(), dim=1)
+            if flip_tta:
+                e = e + torch.nn.functional.normalize(model(torch.flip(x, dims=[3])).float(), dim=1)
+        out.append(torch.nn.functional.normalize(e, dim=1).cpu())
+        ok.append(batch["indices"] >= 0)
+    if not out:
+        return np.zeros((0, 0), np.float32), np.zeros(0, bool)
+    return torch.cat(out).numpy().astype(np.float32), torch.cat(ok).numpy()
+
+
+def embed_frame(model, df: pd.DataFrame, cfg, boxes: list[dict], device: torch.device, cache=None,
+                desc: str = "embed", on_error: str = "raise") -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and readable-mask of the photos of `df` (evaluation transform, no jitter)."""
+    dataset = photo_dataset(df, cfg, boxes, False, cache=cache, on_error=on_error)
+    loader = make_loader(dataset, cfg, device, cfg.predict.batch_size)
+    return embed(model, loader, device, cfg.predict.flip_tta, amp_dtype(cfg, device), desc)

@@ -1,0 +1,94 @@
+"""Prediction: load one or more runs, embed gallery (train + validation) and test photos, search, decide, write."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import retrieval
+from .config import Config, load_config
+from .data import list_test, read_boxes, read_train
+from .files import load_checkpoint, write_csv
+from .inference import embed_frame, resolve_device
+from .model import ReidNet
+from .submission import write_submission
+from .train import RunError, candidates
+
+log = logging.getLogger(__name__)
+
+
+def load_run(run: Path, overrides: list[str] = ()) -> tuple[Config, ReidNet, dict]:
+    """The run's config (with overrides), its best weights in a model, and the best checkpoint's metadata."""
+    for name in ("config.yaml", "best.pt"):
+        if not (run / name).is_file():
+            raise RunError(f"{run} is not a finished reid run: {name} is missing (train it first, or --resume it)")
+    cfg = load_config(run / "config.yaml", overrides)
+    cfg.model.pretrained, cfg.model.weights = False, ""  # the checkpoint holds every weight
+    meta = load_checkpoint(run / "best.pt")
+    species = json.loads((run / "labels.json").read_text())["species"] if (run / "labels.json").is_file() else []
+    model = ReidNet(cfg.model, len(species) if cfg.loss.species_weight else 0)
+    model.load_state_dict(meta.pop("model"))
+    return cfg, model, meta
+
+
+def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,
+                        data: Path | None = None) -> tuple[Config, dict[str, np.ndarray], dict[str, np.ndarray], list]:
+    """Each run's normalized embeddings of each frame, weighted and concatenated (one run: its own)."""
+    weights = weights or [1.0] * len(runs)
+    parts, ok, metas, first = {k: [] for k in frames}, {}, [], None
+    for run, weight in zip(runs, weights, strict=True):
+        cfg, model, meta = load_run(run, overrides)
+        if data is not None:
+            cfg.data.root = str(data)
+        first = first or cfg
+        device = resolve_device(cfg.train.device)
+        model.to(device)
+        boxes = read_boxes(Path(cfg.data.root), cfg.data.crops)
+        for name, df in frames.items():
+            emb, good = embed_frame(model, df, cfg, boxes, device, desc=f"{run.name}:{name}", on_error="blank")
+            parts[name].append(np.sqrt(weight) * emb)
+            ok[name] = ok.get(name, good) & good
+        metas.append(meta)
+    joined = {k: retrieval.normalize(np.concatenate(v, axis=1)) for k, v in parts.items()}
+    return first, joined, ok, metas
+
+
+def predict(runs: list[Path], data: Path | None = None, out: Path | None = None, overrides: list[str] = (),
+            force: bool = False) -> Path:
+    """Write a submission for the test photos of `data` (default: the run's data folder)."""
+    cfg = load_config(runs[0] / "config.yaml", overrides) if (runs[0] / "config.yaml").is_file() else None
+    if cfg is None:
+        raise RunError(f"{runs[0]} is not a reid run: config.yaml is missing")
+    root = Path(data or cfg.data.root)
+    out = out or runs[0] / "submission.csv"
+    if out.exists() and not force:
+        raise RunError(f"{out} already exists; pass --force to replace it or --out to write elsewhere")
+    gallery_df, test_df = read_train(root, cfg.data.bad_images), list_test(root)
+    log.info("gallery: %d photos of %d individuals; test: %d photos", len(gallery_df),
+             gallery_df.individual_id.nunique(), len(test_df))
+    cfg, emb, ok, metas = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, data=root)
+    labels = gallery_df.individual_id.to_numpy()
+    ids, sims = candidates(emb["gallery"][ok["gallery"]], emb["test"], labels[ok["gallery"]], cfg.predict)
+    threshold = cfg.predict.threshold if cfg.predict.threshold is not None else float(metas[0]["threshold"])
+    sims[~ok["test"]] = -np.inf  # unreadable test photos: new_individual first, then the most common ids
+    fillers = gallery_df.individual_id.value_counts().index[:retrieval.TOP].tolist()
+    preds = retrieval.decide(ids, sims, threshold, fillers)
+    if (~ok["test"]).any():
+        log.warning("%d test photo(s) could not be read; they get new_individual first", (~ok["test"]).sum())
+    write_submission(out, test_df.image.tolist(), preds)
+    write_candidates(out.with_name(out.stem + "_candidates.csv"), test_df.image.tolist(), ids, sims)
+    log.info("threshold %.3f: %.1f %% of test photos get new_individual first; wrote %s", threshold,
+             100 * np.mean([p[0] == retrieval.NEW for p in preds]), out)
+    return out
+
+
+def write_candidates(path: Path, images: list[str], ids: np.ndarray, sims: np.ndarray) -> Path:
+    """The ranked known candidates per test photo with their similarities, for people who check matches."""
+    q, r = np.nonzero(ids != "")
+    df = pd.DataFrame({"image": np.asarray(images)[q], "rank": r + 1, "individual_id": ids[q, r],
+                       "similarity": np.round(sims[q, r], 4)})
+    return write_csv(path, df)

@@ -1,0 +1,126 @@
+"""Nearest neighbours with FAISS, best similarity per individual, the new_individual decision and its threshold.
+
+Plain array contracts: `search(queries, gallery, k) -> (scores, indices)`, `rank_individuals(...) -> (ids, sims)`
+with five candidates per query, `decide(ids, sims, threshold) -> five predictions per query`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU feature it lacks
+
+NEW = "new_individual"
+TOP = 5
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def search(queries: np.ndarray, gallery: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k (cosine for normalized vectors), queries in batches to bound memory.
+    Returns (scores, indices), both (Q, k); missing neighbours have index -1 and score -inf."""
+    import faiss  # imported here: start-up and `reid --help` must not pay for it
+
+    k_eff = min(k, len(gallery))
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    indices = np.full((len(queries), k), -1, np.int64)
+    for start in range(0, len(queries), batch):
+        q = np.ascontiguousarray(queries[start: start + batch], dtype=np.float32)
+        scores[start: start + len(q), :k_eff], indices[start: start + len(q), :k_eff] = index.search(q, k_eff)
+    return scores, indices
+
+
+def rank_individuals(scores: np.ndarray, indices: np.ndarray, labels: np.ndarray, top: int = TOP
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The `top` best individuals per query by their best photo's similarity. Returns (ids, sims), (Q, top);
+    unfilled places hold '' and -inf."""
+    ids = np.full((len(scores), top), "", dtype=object)
+    sims = np.full((len(scores), top), -np.inf, np.float32)
+    for q in range(len(scores)):
+        seen: list = []
+        for s, i in zip(scores[q], indices[q], strict=True):
+            if i < 0:
+                break
+            if labels[i] not in seen:
+                seen.append(labels[i])
+                ids[q, len(seen) - 1], sims[q, len(seen) - 1] = labels[i], s
+                if len(seen) == top:
+                    break
+    return ids, sims
+
+
+def new_position(sims: np.ndarray, threshold) -> np.ndarray:
+    """Where new_individual goes: before the first candidate whose similarity is below the threshold."""
+    return (sims >= np.asarray(threshold, np.float32).reshape(-1, 1)).sum(axis=1)
+
+
+def decide(ids: np.ndarray, sims: np.ndarray, threshold, fillers: list[str] = ()) -> list[list[str]]:
+    """Five unique predictions per query: the candidates with new_individual inserted at its position.
+    `threshold` is one number or one per query; `fillers` pad queries with fewer than five candidates."""
+    pos = new_position(sims, np.broadcast_to(np.asarray(threshold, np.float32), (len(ids),)))
+    out = []
+    for row, p in zip(ids, pos, strict=True):
+        known = [x for x in row if x]
+        pred = known[:p] + [NEW] + known[p:]
+        pred += [f for f in fillers if f not in pred]
+        out.append(pred[:TOP])
+    return out
+
+
+def map_at_5(predictions: list[list[str]], truths: list[str]) -> float:
+    """Mean over queries of 1/rank of the first correct prediction among the first five, 0 if absent."""
+    if not len(truths):
+        return 0.0
+    return float(np.mean([_ap5(p, t) for p, t in zip(predictions, truths, strict=True)]))
+
+
+def _ap5(pred: list[str], truth: str) -> float:
+    for rank, p in enumerate(pred[:TOP], 1):
+        if p == truth:
+            return 1.0 / rank
+    return 0.0
+
+
+def threshold_curve(ids: np.ndarray, sims: np.ndarray, truths: list[str], thresholds: np.ndarray) -> np.ndarray:
+    """MAP@5 of `decide` at each threshold, computed for all thresholds at once."""
+    truths = np.asarray(truths, dtype=object)
+    is_new = truths == NEW
+    hit = ids == truths[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), TOP + 1)  # 0-based place among the candidates
+    pos = (sims[None, :, :] >= thresholds[:, None, None]).sum(axis=2)  # (T, Q)
+    known_score = np.where(rank < pos, 1.0 / (rank + 1), np.where(rank + 1 < TOP, 1.0 / (rank + 2), 0.0))
+    new_score = np.where(pos < TOP, 1.0 / (pos + 1), 0.0)
+    return np.where(is_new[None, :], new_score, known_score).mean(axis=1)
+
+
+def candidate_thresholds(sims: np.ndarray, n: int = 201) -> np.ndarray:
+    """Quantiles of the top similarities, plus one below and one above all of them."""
+    top1 = sims[:, 0][np.isfinite(sims[:, 0])]
+    if not len(top1):
+        return np.array([0.0])
+    grid = np.quantile(top1, np.linspace(0, 1, n))
+    return np.unique(np.concatenate([[top1.min() - 1e-3], grid, [top1.max() + 1e-3]])).astype(np.float32)
+
+
+def tune_threshold(ids: np.ndarray, sims: np.ndarray, truths: list[str]) -> dict:
+    """The threshold with the best MAP@5 on a validation set (the middle of the best plateau)."""
+    grid = candidate_thresholds(sims)
+    curve = threshold_curve(ids, sims, truths, grid)
+    best = np.flatnonzero(curve >= curve.max() - 1e-9)
+    pick = best[len(best) // 2]
+    return {"threshold": float(grid[pick]), "map5": float(curve[pick]), "grid": grid.tolist(), "curve": curve.tolist()}
+
+
+def individual_gallery(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One vector per individual: the normalized mean of its photos' normalized embeddings."""
+    uniq, inverse = np.unique(labels, return_inverse=True)
+    sums = np.zeros((len(uniq), embeddings.shape[1]), np.float64)
+    np.add.at(sums, inverse, normalize(embeddings))
+    return normalize(sums), uniq

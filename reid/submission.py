@@ -1,0 +1,58 @@
+"""Submission files: validation against sample_submission.csv, atomic writing, and scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import DataError, read_csv
+from .files import write_csv
+from .retrieval import NEW, TOP, map_at_5
+
+
+def validate_submission(df: pd.DataFrame, images: list[str]) -> None:
+    """Header image,predictions; every expected image exactly once; five unique ids per row."""
+    if list(df.columns) != ["image", "predictions"]:
+        raise DataError(f"submission header must be image,predictions, got {','.join(df.columns)}")
+    dup = df.image[df.image.duplicated()]
+    if len(dup):
+        raise DataError(f"submission lists {len(dup)} image(s) twice, e.g. {dup.iloc[0]}")
+    missing, extra = set(images) - set(df.image), set(df.image) - set(images)
+    if missing or extra:
+        raise DataError(f"submission images differ from the test set: {len(missing)} missing "
+                        f"(e.g. {sorted(missing)[:2]}), {len(extra)} unexpected (e.g. {sorted(extra)[:2]})")
+    for image, pred in zip(df.image, df.predictions, strict=True):
+        ids = pred.split()
+        if len(ids) != TOP or len(set(ids)) != TOP:
+            raise DataError(f"submission row {image}: needs five unique ids, got {pred!r}")
+
+
+def write_submission(path: str | Path, images: list[str], predictions: list[list[str]]) -> Path:
+    """Validate, then write atomically: a crash leaves the old file or none, never half of one."""
+    df = pd.DataFrame({"image": images, "predictions": [" ".join(p) for p in predictions]})
+    validate_submission(df, images)
+    return write_csv(path, df)
+
+
+def score(submission: str | Path, solution: str | Path, train_csv: str | Path | None = None) -> dict:
+    """MAP@5 overall and on known / new test photos, with the trivial answer's score for comparison."""
+    sol = read_csv(Path(solution), ["image", "individual_id"])
+    sub = read_csv(Path(submission), ["image", "predictions"])
+    validate_submission(sub, list(sol.image))
+    preds = sub.set_index("image").predictions.reindex(sol.image).str.split().tolist()
+    truths = sol.individual_id.tolist()
+    is_new = sol.individual_id.to_numpy() == NEW
+    out = {
+        "map5": map_at_5(preds, truths),
+        "map5_known": map_at_5([p for p, n in zip(preds, is_new, strict=True) if not n], list(np.array(truths)[~is_new])),
+        "map5_new": map_at_5([p for p, n in zip(preds, is_new, strict=True) if n], list(np.array(truths)[is_new])),
+        "share_new": float(is_new.mean()),
+        "trivial_map5": map_at_5([[NEW]] * len(truths), truths),
+        "images": len(truths),
+    }
+    out["top1_known"] = float(np.mean([p[0] == t for p, t, n in zip(preds, truths, is_new, strict=True) if not n])) \
+        if (~is_new).any() else float("nan")
+    out["new_first_share"] = float(np.mean([p[0] == NEW for p in preds]))
+    return out

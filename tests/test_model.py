@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+
+from reid.config import load_config
+from reid.model import GeM, ModelError, ReidNet, build_head, param_groups
+
+
+def test_gem_matches_its_formula():
+    x = torch.rand(2, 3, 4, 5) + 0.1
+    p = 2.5
+    expect = (x.pow(p).mean(dim=(2, 3))).pow(1 / p)
+    assert torch.allclose(GeM(p)(x), expect, atol=1e-6)
+    assert torch.allclose(GeM(1.0)(x), x.mean(dim=(2, 3)), atol=1e-6)  # p=1 is average pooling
+    assert GeM(3.0).p.requires_grad
+
+
+def test_multi_level_model_output_shape():
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1, 2, 3]",
+                             "model.embedding_dim=24"])
+    model = ReidNet(cfg.model).eval()
+    assert len(model.pools) == 3
+    assert model(torch.rand(3, 3, 64, 64)).shape == (3, 24)
+    assert model.neck[1].in_features == sum(model.backbone.feature_info.channels())
+
+
+def test_arcface_margin_is_radians_in_config_and_converted():
+    cfg = load_config(None, ["loss.margin=0.3", "loss.scale=15"])
+    head = build_head(cfg.loss, num_classes=10, embedding_dim=8)
+    assert head.margin == pytest.approx(0.3)  # the library stores radians after converting from degrees
+    assert head.scale == 15
+    sub = build_head(load_config(None, ["loss.head=subcenter", "loss.sub_centers=2"]).loss, 10, 8)
+    assert sub.W.shape == (8, 20) and sub.margin == pytest.approx(0.3)
+
+
+def test_arcface_logit_has_the_margin():
+    cfg = load_config(None, ["loss.margin=0.5", "loss.scale=1"])
+    head = build_head(cfg.loss, num_classes=2, embedding_dim=2)
+    with torch.no_grad():
+        head.W.copy_(torch.eye(2))
+    angle = 0.3
+    emb = torch.tensor([[math.cos(angle), math.sin(angle)]])
+    logits = head.get_logits(emb)  # no margin here; the loss adds it to the target class
+    assert logits[0, 0].item() == pytest.approx(math.cos(angle), abs=1e-5)
+    target = head.modify_cosine_of_target_classes(torch.tensor([math.cos(angle)]))
+    assert target.item() == pytest.approx(math.cos(angle + 0.5), abs=1e-5)
+
+
+def test_label_smoothing_switch():
+    head = build_head(load_config(None, ["loss.label_smoothing=0.1"]).loss, 5, 4)
+    assert head.cross_entropy.label_smoothing == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_bias_and_norm():
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[2]"])
+    model, head = ReidNet(cfg.model), build_head(cfg.loss, 3, cfg.model.embedding_dim)
+    decay, no_decay, centres = param_groups(model, head, 1e-3, 0.05, 10)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0 and centres["lr"] == pytest.approx(1e-2)
+
+
+def test_pretrained_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.pretrained=true"])
+    with pytest.raises(ModelError, match="model.weights=.*model.pretrained=false"):
+        ReidNet(cfg.model)
+
+
+def test_local_weight_file_is_loaded(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1]",
+                             f"model.weights={tmp_path / 'w.safetensors'}"])
+    model = ReidNet(cfg.model)
+    assert torch.equal(model.backbone.conv_stem.weight, source.conv_stem.weight)
+    with pytest.raises(ModelError, match="does not exist"):
+        ReidNet(load_config(None, ["model.weights=/no/such/file.pt"]).model)
+
+
+def test_unknown_backbone_names_the_key():
+    with pytest.raises(ModelError, match="model.backbone"):
+        ReidNet(load_config(None, ["model.backbone=efficientnet_b99"]).model)

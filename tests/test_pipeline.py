@@ -1,0 +1,123 @@
+"""End to end on a tiny synthetic set: train -> predict -> evaluate through the command line, resume after
+kill -9, run folders that are never overwritten silently, and determinism on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from reid.cli import main
+from reid.files import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_set):
+    from tests.conftest import TINY
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--out", str(run), f"data.root={tiny_set}", *TINY]) == 0
+    return run
+
+
+def test_run_folder_holds_everything_to_predict_later(trained):
+    for name in ("config.yaml", "last.pt", "best.pt", "labels.json", "threshold.json", "metrics.csv",
+                 "metrics.png", "threshold.png", "report.html", "log.txt", "split.csv"):
+        assert (trained / name).is_file(), name
+    metrics = pd.read_csv(trained / "metrics.csv")
+    assert metrics.epoch.tolist() == [1, 2] and metrics.val_map5.notna().all()
+    tuned = json.loads((trained / "threshold.json").read_text())
+    assert len(tuned["grid"]) == len(tuned["curve"]) and max(tuned["curve"]) == pytest.approx(tuned["map5"])
+    split = pd.read_csv(trained / "split.csv")
+    new_val = set(split.individual_id[split.is_val]) - set(split.individual_id[~split.is_val])
+    assert new_val, "the holdout must contain individuals absent from train"
+    assert len(json.loads((trained / "labels.json").read_text())["classes"]) == split[~split.is_val].individual_id.nunique()
+
+
+def test_predict_then_evaluate(trained, tiny_set, tmp_path, capsys):
+    sub = tmp_path / "sub.csv"
+    assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(sub)]) == 0
+    df = pd.read_csv(sub)
+    sample = pd.read_csv(tiny_set / "sample_submission.csv")
+    assert list(df.columns) == list(sample.columns) and df.image.tolist() == sample.image.tolist()
+    assert all(len(set(p.split())) == 5 for p in df.predictions)
+    cands = pd.read_csv(tmp_path / "sub_candidates.csv")
+    assert set(cands.image) == set(df.image) and cands.groupby("image").similarity.is_monotonic_decreasing.all()
+    capsys.readouterr()
+    assert main(["evaluate", str(sub), str(tiny_set / "solution.csv"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= s["map5"] <= 1 and s["trivial_map5"] == pytest.approx(s["share_new"])
+    # an existing submission is not replaced without --force
+    assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(sub)]) == 2
+    assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(sub), "--force",
+                 "predict.threshold=-1.0"]) == 0
+    assert not pd.read_csv(sub).predictions.str.startswith("new_individual").any()
+
+
+def test_threshold_override_and_real_layout_without_boxes(trained, tiny_set, tmp_path):
+    """A Kaggle folder has no crops.csv: the same command uses the whole photos."""
+    data = tmp_path / "kaggle"
+    shutil.copytree(tiny_set, data, ignore=shutil.ignore_patterns("crops.csv", "solution.csv"))
+    out = tmp_path / "s.csv"
+    assert main(["predict", "--run", str(trained), "--data", str(data), "--out", str(out),
+                 "predict.threshold=2.0", "predict.gallery=individual"]) == 0
+    assert pd.read_csv(out).predictions.str.startswith("new_individual").all()
+
+
+def test_existing_run_is_not_overwritten(trained, tiny_set, capsys):
+    before = (trained / "best.pt").stat().st_mtime_ns
+    assert main(["train", "--out", str(trained), f"data.root={tiny_set}"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (trained / "best.pt").stat().st_mtime_ns == before
+    assert main(["predict", "--run", str(trained.parent / "missing")]) == 2
+
+
+def _train_cmd(run: Path, tiny_set: Path, *extra: str) -> list[str]:
+    from tests.conftest import TINY
+
+    return [sys.executable, "-m", "reid.cli", "train", "--out", str(run), f"data.root={tiny_set}", *TINY,
+            "train.epochs=4", *extra]
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_set):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight, tiny_set), check=True, env=env, capture_output=True)
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(_train_cmd(crashed, tiny_set), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (crashed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(float(torch.rand(1)) * 0.5)  # somewhere inside epoch 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(crashed / "last.pt")["epoch"] < 4, "the run finished before it was killed"
+    subprocess.run([*_train_cmd(crashed, tiny_set), "--resume"], check=True, env=env, capture_output=True)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(crashed / "last.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+def test_same_seed_same_embeddings(trained, tiny_set):
+    from reid.data import read_boxes, read_train
+    from reid.inference import embed_frame
+    from reid.predict import load_run
+
+    cfg, model, _ = load_run(trained)
+    df = read_train(tiny_set).head(8)
+    boxes = read_boxes(tiny_set, cfg.data.crops)
+    e1, ok = embed_frame(model, df, cfg, boxes, torch.device("cpu"))
+    e2, _ = embed_frame(model, df, cfg, boxes, torch.device("cpu"))
+    assert ok.all() and (e1 == e2).all() and abs(float((e1 ** 2).sum(1).mean()) - 1) < 1e-5

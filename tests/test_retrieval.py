@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from reid import retrieval as r
+from reid.retrieval import NEW
+
+
+def test_map_at_5_hand_made():
+    preds = [["a", "b", "c", "d", "e"], ["x", "a", "b", "c", "d"], ["x", "y", "z", "w", "a"], ["q"] * 5]
+    assert r.map_at_5(preds, ["a", "a", "a", "a"]) == pytest.approx((1 + 0.5 + 0.2 + 0) / 4)
+    assert r.map_at_5([["a", "a", "b", "c", "d"]], ["b"]) == pytest.approx(1 / 3)
+
+
+def test_search_matches_numpy():
+    rng = np.random.default_rng(0)
+    g, q = r.normalize(rng.normal(size=(50, 8))), r.normalize(rng.normal(size=(7, 8)))
+    scores, idx = r.search(q, g, 5, batch=3)
+    expect = np.argsort(-(q @ g.T), axis=1)[:, :5]
+    assert (idx == expect).all()
+    assert np.allclose(scores, np.take_along_axis(q @ g.T, expect, 1), atol=1e-5)
+
+
+def test_search_with_k_above_gallery_pads():
+    g = r.normalize(np.eye(3, 4))
+    scores, idx = r.search(g[:1], g, 5)
+    assert idx[0, 3:].tolist() == [-1, -1] and np.isinf(scores[0, 3:]).all()
+
+
+def test_rank_individuals_keeps_best_photo_per_individual():
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]])
+    indices = np.array([[0, 1, 2, 3, 4, 5, 6]])
+    labels = np.array(["a", "a", "b", "c", "b", "d", "e"])
+    ids, sims = r.rank_individuals(scores, indices, labels)
+    assert ids[0].tolist() == ["a", "b", "c", "d", "e"]
+    assert sims[0].tolist() == pytest.approx([0.9, 0.7, 0.6, 0.4, 0.3])
+
+
+def test_decide_inserts_new_individual_at_first_rank_below_threshold():
+    ids = np.array([["a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e"]], dtype=object)
+    sims = np.array([[0.9, 0.8, 0.4, 0.3, 0.2], [0.3, 0.2, 0.1, 0.0, -0.1], [0.9, 0.9, 0.9, 0.9, 0.9]])
+    out = r.decide(ids, sims, 0.5)
+    assert out == [["a", "b", NEW, "c", "d"], [NEW, "a", "b", "c", "d"], ["a", "b", "c", "d", "e"]]
+    assert r.decide(ids, sims, [0.95, 0.25, 0.0])[:2] == [[NEW, "a", "b", "c", "d"], ["a", NEW, "b", "c", "d"]]
+
+
+def test_decide_pads_short_candidate_lists_with_unique_fillers():
+    ids = np.array([["a", "", "", "", ""]], dtype=object)
+    sims = np.array([[0.9, -np.inf, -np.inf, -np.inf, -np.inf]])
+    out = r.decide(ids, sims, 0.5, fillers=["a", "z", "y", "x"])
+    assert out == [["a", NEW, "z", "y", "x"]]
+
+
+def test_threshold_curve_equals_decide_then_score():
+    rng = np.random.default_rng(1)
+    ids = np.array([list("abcde"), list("bcdef"), list("cdefg"), list("abcde")], dtype=object)
+    sims = -np.sort(-rng.uniform(0, 1, (4, 5)), axis=1)
+    truths = ["c", NEW, "z", "a"]
+    grid = np.linspace(-0.1, 1.1, 25, dtype=np.float32)
+    curve = r.threshold_curve(ids, sims, truths, grid)
+    brute = [r.map_at_5(r.decide(ids, sims, t), truths) for t in grid]
+    assert np.allclose(curve, brute)
+
+
+def test_tune_threshold_finds_the_separating_value():
+    ids = np.array([list("abcde")] * 4, dtype=object)
+    sims = np.array([[0.9, 0.1, 0.0, 0.0, 0.0], [0.8, 0.1, 0, 0, 0], [0.3, 0.2, 0, 0, 0], [0.2, 0.1, 0, 0, 0]])
+    tuned = r.tune_threshold(ids, sims, ["a", "a", NEW, NEW])
+    assert tuned["map5"] == pytest.approx(1.0) and 0.3 < tuned["threshold"] <= 0.8
+
+
+def test_individual_gallery_means():
+    emb = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
+    g, labels = r.individual_gallery(emb, np.array(["x", "x", "y"]))
+    assert labels.tolist() == ["x", "y"]
+    assert np.allclose(g, [[2**-0.5, 2**-0.5], [1, 0]])
