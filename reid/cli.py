@@ -1,4 +1,4 @@
-"""The `reid` command: synth, train, predict, evaluate (and prepare). Heavy imports happen inside commands."""
+"""The `reid` command: synth, prepare, train, predict, evaluate. Heavy imports happen inside commands."""
 
 from __future__ import annotations
 
@@ -42,6 +42,24 @@ def _predict(args) -> None:
     print(out)
 
 
+def _prepare(args) -> None:
+    from .cache import PhotoCache, from_config, items_for, prepare
+    from .data import list_test, read_boxes, read_train
+
+    cfg = _config(args)
+    cfg.data.cache = True
+    cache: PhotoCache = from_config(cfg)
+    root = Path(cfg.data.root)
+    photos = [read_train(root, cfg.data.bad_images)]
+    if (root / "test_images").is_dir() or (root / "sample_submission.csv").is_file():
+        photos.append(list_test(root))
+    boxes = read_boxes(root, cfg.data.crops)
+    items = [it for df in photos for it in items_for(df.path.tolist(), df.image.tolist(), boxes)]
+    summary = prepare(cache, items, n_jobs=args.jobs)
+    print(json.dumps({"cache": str(cache.folder), **summary}))
+    print(f"use it with data.cache=true{'' if not cfg.data.cache_dir else f' data.cache_dir={cfg.data.cache_dir}'}")
+
+
 def _evaluate(args) -> None:
     from .submission import score
 
@@ -79,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace an existing run folder")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(func=_train)
+
+    c = sub.add_parser("prepare", help="decode, crop and resize every photo once into a cache (parallel)")
+    c.add_argument("--config", type=Path, default=None)
+    c.add_argument("--data", default=None)
+    c.add_argument("--jobs", type=int, default=-1)
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.set_defaults(func=_prepare)
 
     r = sub.add_parser("predict", help="write a submission from one run or an ensemble of runs")
     r.add_argument("--run", action="append", required=True, help="run folder; repeat for an ensemble")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from . import retrieval
+from .cache import from_config as cache_from_config
 from .config import Config, load_config
 from .data import list_test, read_boxes, read_train
 from .files import load_checkpoint, write_csv
@@ -49,7 +50,7 @@ def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overr
         model.to(device)
         boxes = read_boxes(Path(cfg.data.root), cfg.data.crops)
         for name, df in frames.items():
-            emb, good = embed_frame(model, df, cfg, boxes, device, desc=f"{run.name}:{name}", on_error="blank")
+            emb, good = embed_frame(model, df, cfg, boxes, device, cache_from_config(cfg), f"{run.name}:{name}", "blank")
             parts[name].append(np.sqrt(weight) * emb)
             ok[name] = ok.get(name, good) & good
         metas.append(meta)

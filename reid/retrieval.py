@@ -21,20 +21,44 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def search(queries: np.ndarray, gallery: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k (cosine for normalized vectors), queries in batches to bound memory.
-    Returns (scores, indices), both (Q, k); missing neighbours have index -1 and score -inf."""
+def build_index(gallery: np.ndarray, kind: str = "flat", use_gpu: bool = True):
+    """A FAISS inner-product index over the gallery: exact `flat`, or `hnsw` / `ivf` for million-photo catalogues.
+    Flat and IVF move to the GPU when faiss-gpu sees one; HNSW stays on the CPU (FAISS has no GPU HNSW)."""
     import faiss  # imported here: start-up and `reid --help` must not pay for it
 
-    k_eff = min(k, len(gallery))
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    n, d = gallery.shape
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = 80, 128
+    elif kind == "ivf":
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(gallery[np.random.default_rng(0).permutation(n)[: 256 * nlist]])
+        index.nprobe = min(nlist, 32)
+    else:
+        index = faiss.IndexFlatIP(d)
+    if use_gpu and kind != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(gallery)
+    return index
+
+
+GPU_MAX_K = 2048  # FAISS GPU indexes return at most this many neighbours
+
+
+def search(queries: np.ndarray, gallery: np.ndarray, k: int, batch: int = 4096, kind: str = "flat",
+           use_gpu: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product (cosine for normalized vectors), queries in batches to bound memory.
+    Returns (scores, indices), both (Q, k); missing neighbours have index -1 and score -inf."""
+    index = build_index(gallery, kind, use_gpu)
+    k_eff = min(k, len(gallery), GPU_MAX_K if "Gpu" in type(index).__name__ else k)
     scores = np.full((len(queries), k), -np.inf, np.float32)
     indices = np.full((len(queries), k), -1, np.int64)
     for start in range(0, len(queries), batch):
         q = np.ascontiguousarray(queries[start: start + batch], dtype=np.float32)
         scores[start: start + len(q), :k_eff], indices[start: start + len(q), :k_eff] = index.search(q, k_eff)
-    return scores, indices
+    return scores, np.where(indices < 0, -1, indices)
 
 
 def rank_individuals(scores: np.ndarray, indices: np.ndarray, labels: np.ndarray, top: int = TOP

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from . import retrieval
+from .cache import from_config as cache_from_config
 from .config import Config, dump_config, to_dict
 from .data import SeededSampler, read_boxes, read_train, split_mask
 from .files import load_checkpoint, save_checkpoint, write_csv, write_json, write_text
@@ -74,6 +75,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.df, self.classes, self.species = prepare_frame(cfg)
         self.boxes = read_boxes(Path(cfg.data.root), cfg.data.crops)
+        self.cache = cache_from_config(cfg)
         self.train_df = self.df[~self.df.is_val].reset_index(drop=True)
         self.model = ReidNet(cfg.model, len(self.species) if cfg.loss.species_weight else 0).to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
@@ -90,7 +92,7 @@ class Trainer:
 
     def _train_loader(self):
         labels = np.stack([self.train_df.label, self.train_df.species_label], 1)
-        ds = photo_dataset(self.train_df, self.cfg, self.boxes, True, labels=labels.tolist())
+        ds = photo_dataset(self.train_df, self.cfg, self.boxes, True, labels=labels.tolist(), cache=self.cache)
         batch = min(self.cfg.train.batch_size, len(ds))
         self.sampler = SeededSampler(len(ds), self.cfg.train.seed)
         return make_loader(ds, self.cfg, self.device, batch, self.sampler, drop_last=True)
@@ -199,8 +201,8 @@ class Trainer:
         val = self.df[self.df.is_val]
         if val.empty:
             return {}
-        gallery, _ = embed_frame(self.model, self.train_df, self.cfg, self.boxes, self.device, desc="gallery")
-        queries, _ = embed_frame(self.model, val, self.cfg, self.boxes, self.device, desc="validation")
+        gallery, _ = embed_frame(self.model, self.train_df, self.cfg, self.boxes, self.device, self.cache, "gallery")
+        queries, _ = embed_frame(self.model, val, self.cfg, self.boxes, self.device, self.cache, "validation")
         truths = np.where(val.label >= 0, val.individual_id, retrieval.NEW).tolist()
         ids, sims = candidates(queries, gallery, self.train_df.individual_id.to_numpy(), self.cfg.predict)
         tuned = retrieval.tune_threshold(ids, sims, truths)

@@ -66,6 +66,7 @@ def test_reduced_decoding_is_close_to_full(tmp_path):
     big = cv2.resize(gradient(), (1600, 1200), interpolation=cv2.INTER_LINEAR)
     cv2.imwrite(str(tmp_path / "b.jpg"), big[..., ::-1])
     assert reduction(1600, 1200, 128) == 8 and reduction(1600, 1200, 512) == 2 and reduction(300, 300, 256) == 1
+    assert reduction(3000, 2000, 512) == 4 and reduction(3000, 2000, 512, slack=1.0) == 2
     fast, _ = load_photo(tmp_path / "b.jpg", 128)
     full = cv2.resize(decode(tmp_path / "b.jpg"), (128, 128), interpolation=cv2.INTER_AREA)
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
