@@ -25,9 +25,11 @@ def _config(args):
 
 def _train(args) -> None:
     from .config import load_config
-    from .train import train
+    from .train import RunError, train
 
     out = Path(args.out)
+    if args.resume and not (out / "last.pt").is_file():
+        raise RunError(f"--resume: {out}/last.pt does not exist; nothing to resume")
     if args.resume and args.config is None:  # continue with the run's own config
         args.config = out / "config.yaml"
     cfg = _config(args) if args.config else load_config(None, args.overrides)
@@ -38,7 +40,7 @@ def _predict(args) -> None:
     from .predict import predict
 
     out = predict([Path(r) for r in args.run], Path(args.data) if args.data else None,
-                  Path(args.out) if args.out else None, args.overrides, args.force)
+                  Path(args.out) if args.out else None, args.overrides, args.force, args.weight)
     print(out)
 
 
@@ -63,11 +65,18 @@ def _prepare(args) -> None:
 def _evaluate(args) -> None:
     from .submission import score
 
-    s = score(args.submission, args.solution)
+    cands = Path(args.candidates) if args.candidates else Path(args.submission).with_name(
+        Path(args.submission).stem + "_candidates.csv")
+    s = score(args.submission, args.solution, cands if cands.is_file() else None)
     print(f"MAP@5 {s['map5']:.4f}  (known {s['map5_known']:.4f}, new {s['map5_new']:.4f}; "
           f"{100 * s['share_new']:.1f} % of {s['images']} test photos are new individuals)")
     print(f"trivial answer (new_individual first): MAP@5 {s['trivial_map5']:.4f}; "
           f"gain over it {s['map5'] - s['trivial_map5']:+.4f}")
+    if "auc_new" in s:
+        print(f"top-1 accuracy: known photos {s['top1_known']:.4f}, new photos {s['top1_new']:.4f}; "
+              f"AUC of 'is new' from the top similarity {s['auc_new']:.4f}")
+        print(f"threshold chosen with hindsight on these answers: {s['hindsight_threshold']:.3f} -> MAP@5 "
+              f"{s['hindsight_map5']:.4f} (submitted: {s['map5']:.4f}, {s['hindsight_map5'] - s['map5']:+.4f})")
     if args.json:
         print(json.dumps(s))
 
@@ -107,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="write a submission from one run or an ensemble of runs")
     r.add_argument("--run", action="append", required=True, help="run folder; repeat for an ensemble")
+    r.add_argument("--weight", type=float, action="append", help="weight of each --run in an ensemble")
     r.add_argument("--data", default=None)
     r.add_argument("--out", default=None, help="submission CSV (default RUN/submission.csv)")
     r.add_argument("--force", action="store_true", help="replace an existing submission")
@@ -116,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="MAP@5 of a submission against a solution file")
     e.add_argument("submission")
     e.add_argument("solution")
+    e.add_argument("--candidates", default=None, help="the predict's candidates CSV (default: beside SUBMISSION)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_evaluate)
     return p

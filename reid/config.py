@@ -99,6 +99,10 @@ class PredictConfig:
     k: int = 50  # neighbours fetched per query
     threshold: float | None = None  # None: the threshold tuned on validation
     gallery: str = "photo"  # photo | individual (mean embedding per individual)
+    index: str = "flat"  # flat (exact) | hnsw | ivf (approximate, for million-photo catalogues)
+    policy: str = "similarity"  # new_individual: similarity threshold | share of test photos | species thresholds
+    new_share: float | None = None  # share policy: target share of new-first answers (None: as on validation)
+    query_expansion: int = 0  # average each query with its top-n gallery neighbours (0: off)
 
 
 @dataclass
@@ -121,6 +125,8 @@ CHOICES = {
     "train.schedule": {"cosine", "step"},
     "train.device": {"auto", "cpu", "cuda"},
     "predict.gallery": {"photo", "individual"},
+    "predict.index": {"flat", "hnsw", "ivf"},
+    "predict.policy": {"similarity", "share", "species"},
 }
 RANGES = {  # inclusive bounds
     "data.image_size": (16, 4096), "data.crop_margin": (0.0, 2.0), "data.crop_jitter": (0.0, 1.0),
@@ -133,7 +139,8 @@ RANGES = {  # inclusive bounds
     "train.epochs": (1, 100000), "train.batch_size": (2, 65536), "train.lr": (0.0, 10.0),
     "train.weight_decay": (0.0, 10.0), "train.warmup_epochs": (0.0, 1000.0), "train.val_every": (1, 100000),
     "train.max_steps_per_epoch": (0, 10**9), "train.grad_clip": (0.0, 1e6), "predict.batch_size": (1, 65536),
-    "predict.k": (1, 2048), "predict.threshold": (-1.0, 1.0),
+    "predict.k": (1, 2048), "predict.threshold": (-2.0, 2.0), "predict.new_share": (0.0, 1.0),
+    "predict.query_expansion": (0, 100),
 }
 
 

@@ -233,6 +233,7 @@ def original_size(path: Path) -> tuple[int, int]:
 
     if not path.is_file() or path.stat().st_size == 0:
         raise BadImage(f"{path}: missing or empty file")
+    Image.MAX_IMAGE_PIXELS = None  # PIL only reads the header here; OpenCV decodes at reduced scale
     try:
         with Image.open(path) as im:
             w, h = im.size

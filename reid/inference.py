@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+
 import numpy as np
 import pandas as pd
 import torch

@@ -17,7 +17,7 @@ from .files import load_checkpoint, write_csv
 from .inference import embed_frame, resolve_device
 from .model import ReidNet
 from .submission import write_submission
-from .train import RunError, candidates
+from .train import RunError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overr
         model.to(device)
         boxes = read_boxes(Path(cfg.data.root), cfg.data.crops)
         for name, df in frames.items():
-            emb, good = embed_frame(model, df, cfg, boxes, device, cache_from_config(cfg), f"{run.name}:{name}", "blank")
+            emb, good = embed_frame(model, df, cfg, boxes, device, cache_from_config(cfg), f"{run.name}:{name}",
+                                    on_error="blank")
             parts[name].append(np.sqrt(weight) * emb)
             ok[name] = ok.get(name, good) & good
         metas.append(meta)
@@ -59,7 +60,7 @@ def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overr
 
 
 def predict(runs: list[Path], data: Path | None = None, out: Path | None = None, overrides: list[str] = (),
-            force: bool = False) -> Path:
+            force: bool = False, weights: list[float] | None = None) -> Path:
     """Write a submission for the test photos of `data` (default: the run's data folder)."""
     cfg = load_config(runs[0] / "config.yaml", overrides) if (runs[0] / "config.yaml").is_file() else None
     if cfg is None:
@@ -71,20 +72,39 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     gallery_df, test_df = read_train(root, cfg.data.bad_images), list_test(root)
     log.info("gallery: %d photos of %d individuals; test: %d photos", len(gallery_df),
              gallery_df.individual_id.nunique(), len(test_df))
-    cfg, emb, ok, metas = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, data=root)
+    if weights and len(weights) != len(runs):
+        raise RunError(f"{len(weights)} --weight value(s) for {len(runs)} --run folder(s); give one per run")
+    cfg, emb, ok, _ = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, weights, root)
     labels = gallery_df.individual_id.to_numpy()
-    ids, sims = candidates(emb["gallery"][ok["gallery"]], emb["test"], labels[ok["gallery"]], cfg.predict)
-    threshold = cfg.predict.threshold if cfg.predict.threshold is not None else float(metas[0]["threshold"])
+    tuned = load_tuned(runs[0], cfg)
+    qe = cfg.predict.query_expansion if tuned.get("query_expansion_helps", True) else 0
+    if cfg.predict.query_expansion and not qe:
+        log.info("query expansion is off: it did not help on the holdout")
+    ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
+                                     cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe)
+    species_of = dict(zip(gallery_df.individual_id, gallery_df.species, strict=True))
+    groups = np.array([species_of.get(i, "") for i in ids[:, 0]])
+    thresholds = retrieval.policy_thresholds(cfg.predict.policy, sims, tuned, groups, cfg.predict.new_share)
     sims[~ok["test"]] = -np.inf  # unreadable test photos: new_individual first, then the most common ids
     fillers = gallery_df.individual_id.value_counts().index[:retrieval.TOP].tolist()
-    preds = retrieval.decide(ids, sims, threshold, fillers)
+    preds = retrieval.decide(ids, sims, thresholds, fillers)
     if (~ok["test"]).any():
         log.warning("%d test photo(s) could not be read; they get new_individual first", (~ok["test"]).sum())
     write_submission(out, test_df.image.tolist(), preds)
     write_candidates(out.with_name(out.stem + "_candidates.csv"), test_df.image.tolist(), ids, sims)
-    log.info("threshold %.3f: %.1f %% of test photos get new_individual first; wrote %s", threshold,
-             100 * np.mean([p[0] == retrieval.NEW for p in preds]), out)
+    log.info("policy %s (threshold %.3f on average): %.1f %% of test photos get new_individual first; wrote %s",
+             cfg.predict.policy, float(np.mean(thresholds)), 100 * np.mean([p[0] == retrieval.NEW for p in preds]), out)
     return out
+
+
+def load_tuned(run: Path, cfg: Config) -> dict:
+    """The thresholds tuned on validation (threshold.json), with `predict.threshold` overriding the single one."""
+    path = run / "threshold.json"
+    tuned = json.loads(path.read_text()) if path.is_file() else {"threshold": 0.5}
+    if cfg.predict.threshold is not None:
+        tuned = {**tuned, "threshold": cfg.predict.threshold, "per_species": {}}
+        cfg.predict.policy = "similarity"
+    return tuned
 
 
 def write_candidates(path: Path, images: list[str], ids: np.ndarray, sims: np.ndarray) -> Path:

@@ -31,7 +31,8 @@ def plot_metrics(history: list[dict], path: Path) -> None:
         if col in df:
             b.plot(df.epoch, df[col], marker="o", label=col.replace("val_", ""))
     b.set(xlabel="epoch", ylabel="validation MAP@5", ylim=(0, 1))
-    b.legend()
+    if "val_map5" in df:
+        b.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)

@@ -82,7 +82,7 @@ def rank_individuals(scores: np.ndarray, indices: np.ndarray, labels: np.ndarray
 
 def new_position(sims: np.ndarray, threshold) -> np.ndarray:
     """Where new_individual goes: before the first candidate whose similarity is below the threshold."""
-    return (sims >= np.asarray(threshold, np.float32).reshape(-1, 1)).sum(axis=1)
+    return (np.asarray(sims, np.float32) >= np.asarray(threshold, np.float32).reshape(-1, 1)).sum(axis=1)
 
 
 def decide(ids: np.ndarray, sims: np.ndarray, threshold, fillers: list[str] = ()) -> list[list[str]]:
@@ -105,6 +105,15 @@ def map_at_5(predictions: list[list[str]], truths: list[str]) -> float:
     return float(np.mean([_ap5(p, t) for p, t in zip(predictions, truths, strict=True)]))
 
 
+def map_at_5_split(predictions: list[list[str]], truths: list[str]) -> dict[str, float]:
+    """MAP@5 on all queries, on those whose answer is a known individual, and on the new ones."""
+    truths = np.asarray(truths, dtype=object)
+    is_new = truths == NEW
+    scores = np.array([_ap5(p, t) for p, t in zip(predictions, truths, strict=True)])
+    part = lambda m: float(scores[m].mean()) if m.any() else float("nan")  # noqa: E731
+    return {"map5": part(np.ones(len(truths), bool)), "map5_known": part(~is_new), "map5_new": part(is_new)}
+
+
 def _ap5(pred: list[str], truth: str) -> float:
     for rank, p in enumerate(pred[:TOP], 1):
         if p == truth:
@@ -118,28 +127,47 @@ def threshold_curve(ids: np.ndarray, sims: np.ndarray, truths: list[str], thresh
     is_new = truths == NEW
     hit = ids == truths[:, None]
     rank = np.where(hit.any(axis=1), hit.argmax(axis=1), TOP + 1)  # 0-based place among the candidates
-    pos = (sims[None, :, :] >= thresholds[:, None, None]).sum(axis=2)  # (T, Q)
+    sims = np.asarray(sims, np.float32)
+    pos = (sims[None, :, :] >= np.asarray(thresholds, np.float32)[:, None, None]).sum(axis=2)  # (T, Q)
     known_score = np.where(rank < pos, 1.0 / (rank + 1), np.where(rank + 1 < TOP, 1.0 / (rank + 2), 0.0))
     new_score = np.where(pos < TOP, 1.0 / (pos + 1), 0.0)
     return np.where(is_new[None, :], new_score, known_score).mean(axis=1)
 
 
-def candidate_thresholds(sims: np.ndarray, n: int = 201) -> np.ndarray:
-    """Quantiles of the top similarities, plus one below and one above all of them."""
-    top1 = sims[:, 0][np.isfinite(sims[:, 0])]
-    if not len(top1):
-        return np.array([0.0])
-    grid = np.quantile(top1, np.linspace(0, 1, n))
-    return np.unique(np.concatenate([[top1.min() - 1e-3], grid, [top1.max() + 1e-3]])).astype(np.float32)
+def candidate_thresholds(sims: np.ndarray, n: int = 401) -> np.ndarray:
+    """Every similarity where MAP@5 can change (all of them for small sets, else quantiles), plus one value
+    below and one above all of them."""
+    sims = np.asarray(sims, np.float32)  # the same precision as the comparisons in new_position
+    values = np.unique(sims[np.isfinite(sims)])
+    if not len(values):
+        return np.array([0.0], np.float32)
+    if len(values) > n:
+        values = np.unique(np.quantile(values, np.linspace(0, 1, n)))
+    return np.concatenate([[values[0] - 1e-3], values, [values[-1] + 1e-3]]).astype(np.float32)
 
 
 def tune_threshold(ids: np.ndarray, sims: np.ndarray, truths: list[str]) -> dict:
     """The threshold with the best MAP@5 on a validation set (the middle of the best plateau)."""
     grid = candidate_thresholds(sims)
     curve = threshold_curve(ids, sims, truths, grid)
-    best = np.flatnonzero(curve >= curve.max() - 1e-9)
-    pick = best[len(best) // 2]
-    return {"threshold": float(grid[pick]), "map5": float(curve[pick]), "grid": grid.tolist(), "curve": curve.tolist()}
+    lo, hi = _longest_run(curve >= curve.max() - 1e-9)
+    # MAP@5 only changes at similarity values: the whole interval (grid[lo-1], grid[hi]] scores the best, and
+    # its middle is the choice least sensitive to a shift of similarities between validation and test
+    threshold = (float(grid[lo - 1]) + float(grid[hi])) / 2 if lo > 0 else float(grid[hi])
+    return {"threshold": float(threshold), "map5": float(curve[hi]), "grid": grid.tolist(), "curve": curve.tolist()}
+
+
+def _longest_run(mask: np.ndarray) -> tuple[int, int]:
+    """First and last index of the longest run of True."""
+    best, start = None, None
+    for i, m in enumerate([*mask, False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            if best is None or i - 1 - start > best[1] - best[0]:
+                best = (start, i - 1)
+            start = None
+    return best or (0, 0)
 
 
 def individual_gallery(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,3 +176,58 @@ def individual_gallery(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.n
     sums = np.zeros((len(uniq), embeddings.shape[1]), np.float64)
     np.add.at(sums, inverse, normalize(embeddings))
     return normalize(sums), uniq
+
+
+def share_threshold(top1: np.ndarray, share: float) -> float:
+    """The threshold below which `share` of the queries' best similarities fall: those get new_individual first.
+    The first-place Happywhale solution set its threshold this way on the test set."""
+    top1 = top1[np.isfinite(top1)]
+    return float(np.quantile(top1, share)) if len(top1) else 0.0
+
+
+def tune_by_group(ids: np.ndarray, sims: np.ndarray, truths: list[str], groups: np.ndarray, fallback: float,
+                  min_queries: int = 20) -> dict[str, float]:
+    """One tuned threshold per group (e.g. the species of the best candidate); groups with fewer than
+    `min_queries` validation queries keep `fallback`, so a few photos cannot set a threshold."""
+    out = {}
+    truths = np.asarray(truths, dtype=object)
+    for g in np.unique(groups):
+        mask = groups == g
+        out[str(g)] = tune_threshold(ids[mask], sims[mask], list(truths[mask]))["threshold"] \
+            if mask.sum() >= min_queries else fallback
+    return out
+
+
+def policy_thresholds(policy: str, sims: np.ndarray, tuned: dict, groups: np.ndarray | None = None,
+                      share: float | None = None) -> np.ndarray:
+    """Per-query thresholds for a policy: `similarity` (one tuned value), `share` (a target share of
+    new_individual-first answers among these queries) or `species` (a tuned value per predicted species)."""
+    n = len(sims)
+    if policy == "share":
+        target = tuned.get("new_first_share", 0.25) if share is None else share
+        return np.full(n, share_threshold(sims[:, 0], target), np.float32)
+    if policy == "species" and groups is not None and tuned.get("per_species"):
+        per = tuned["per_species"]
+        return np.array([per.get(str(g), tuned["threshold"]) for g in groups], np.float32)
+    return np.full(n, tuned["threshold"], np.float32)
+
+
+def expand_queries(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray, indices: np.ndarray, n: int
+                   ) -> np.ndarray:
+    """Average query expansion: each query plus its top-n gallery neighbours weighted by similarity."""
+    top = indices[:, :n]
+    weights = np.where(top >= 0, np.maximum(scores[:, :n], 0), 0)[..., None]
+    return normalize(queries + (gallery[np.maximum(top, 0)] * weights).sum(axis=1))
+
+
+def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int = 50, gallery_mode: str = "photo",
+               index: str = "flat", query_expansion: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top individuals per query (ids, sims), from a photo gallery or one mean vector per individual,
+    optionally after query expansion."""
+    if gallery_mode == "individual":
+        gallery, labels = individual_gallery(gallery, labels)
+    scores, indices = search(queries, gallery, k, kind=index)
+    if query_expansion:
+        scores, indices = search(expand_queries(queries, gallery, scores, indices, query_expansion), gallery, k,
+                                 kind=index)
+    return rank_individuals(scores, indices, labels)

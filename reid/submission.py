@@ -9,7 +9,7 @@ import pandas as pd
 
 from .data import DataError, read_csv
 from .files import write_csv
-from .retrieval import NEW, TOP, map_at_5
+from .retrieval import NEW, TOP, map_at_5, map_at_5_split
 
 
 def validate_submission(df: pd.DataFrame, images: list[str]) -> None:
@@ -36,8 +36,10 @@ def write_submission(path: str | Path, images: list[str], predictions: list[list
     return write_csv(path, df)
 
 
-def score(submission: str | Path, solution: str | Path, train_csv: str | Path | None = None) -> dict:
-    """MAP@5 overall and on known / new test photos, with the trivial answer's score for comparison."""
+def score(submission: str | Path, solution: str | Path, candidates: str | Path | None = None) -> dict:
+    """MAP@5 overall and on known / new test photos, with the trivial answer's score for comparison; with the
+    candidates file, also top-1 accuracy on new photos, the AUC of 'is new' from the top similarity, and the best
+    threshold chosen with hindsight on these answers."""
     sol = read_csv(Path(solution), ["image", "individual_id"])
     sub = read_csv(Path(submission), ["image", "predictions"])
     validate_submission(sub, list(sol.image))
@@ -45,9 +47,7 @@ def score(submission: str | Path, solution: str | Path, train_csv: str | Path | 
     truths = sol.individual_id.tolist()
     is_new = sol.individual_id.to_numpy() == NEW
     out = {
-        "map5": map_at_5(preds, truths),
-        "map5_known": map_at_5([p for p, n in zip(preds, is_new, strict=True) if not n], list(np.array(truths)[~is_new])),
-        "map5_new": map_at_5([p for p, n in zip(preds, is_new, strict=True) if n], list(np.array(truths)[is_new])),
+        **map_at_5_split(preds, truths),
         "share_new": float(is_new.mean()),
         "trivial_map5": map_at_5([[NEW]] * len(truths), truths),
         "images": len(truths),
@@ -55,4 +55,26 @@ def score(submission: str | Path, solution: str | Path, train_csv: str | Path | 
     out["top1_known"] = float(np.mean([p[0] == t for p, t, n in zip(preds, truths, is_new, strict=True) if not n])) \
         if (~is_new).any() else float("nan")
     out["new_first_share"] = float(np.mean([p[0] == NEW for p in preds]))
+    out["top1_new"] = float(np.mean([p[0] == NEW for p, n in zip(preds, is_new, strict=True) if n])) \
+        if is_new.any() else float("nan")
+    if candidates is not None:
+        out.update(_candidate_scores(Path(candidates), sol, truths, is_new))
     return out
+
+
+def _candidate_scores(path: Path, sol: pd.DataFrame, truths: list[str], is_new: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from .retrieval import tune_threshold
+
+    cands = pd.read_csv(path, dtype={"individual_id": str})
+    ids = np.full((len(sol), TOP), "", dtype=object)
+    sims = np.full((len(sol), TOP), -np.inf, np.float32)
+    row = {img: i for i, img in enumerate(sol.image)}
+    for img, rank, ind, sim in zip(cands.image, cands["rank"], cands.individual_id, cands.similarity, strict=True):
+        if img in row and rank <= TOP:
+            ids[row[img], rank - 1], sims[row[img], rank - 1] = ind, sim
+    best = tune_threshold(ids, sims, truths)
+    top1 = np.where(np.isfinite(sims[:, 0]), sims[:, 0], -1.0)
+    auc = roc_auc_score(is_new, -top1) if 0 < is_new.sum() < len(is_new) else float("nan")
+    return {"auc_new": float(auc), "hindsight_threshold": best["threshold"], "hindsight_map5": best["map5"]}

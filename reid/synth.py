@@ -130,10 +130,8 @@ def make_individual(seed: int, index: int, species: str) -> Individual:
     rng = np.random.default_rng([seed, 1, index])
     shape, _, tones, heights, sweeps = SPECIES[species]
     tone = int(rng.integers(*tones))
-    if shape == "fin":
-        outline = _fin_outline(rng, rng.uniform(*heights), rng.uniform(*sweeps))
-    else:
-        outline = _fluke_outline(rng)
+    outline = _fin_outline(rng, rng.uniform(*heights), rng.uniform(*sweeps)) if shape == "fin" else \
+        _fluke_outline(rng)
     marks = (_marks(rng, tone, shape == "fluke"), _marks(rng, tone, shape == "fluke"))
     saddle = None
     if species == "killer_whale":  # the grey saddle patch behind the fin is individual too
@@ -240,7 +238,7 @@ def plan(spec: SynthSpec) -> tuple[list[Individual], pd.DataFrame]:
     species = rng.choice(names, spec.individuals + n_new, p=weights / weights.sum())
     people = [make_individual(spec.seed, i, species[i]) for i in range(spec.individuals + n_new)]
     rows = []
-    for i, ind in enumerate(people):
+    for i in range(len(people)):
         known = i < spec.individuals
         n_train, n_test = (counts[i], test_known[i]) if known else (0, new_counts[i - spec.individuals])
         for j in range(n_train + n_test):

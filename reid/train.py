@@ -197,21 +197,18 @@ class Trainer:
         return float(loss.detach())
 
     def validate(self) -> dict:
-        """Embed the training photos as gallery and the validation photos as queries; tune the threshold."""
+        """Embed the training photos as gallery and the validation photos as queries; tune the thresholds."""
         val = self.df[self.df.is_val]
         if val.empty:
             return {}
         gallery, _ = embed_frame(self.model, self.train_df, self.cfg, self.boxes, self.device, self.cache, "gallery")
         queries, _ = embed_frame(self.model, val, self.cfg, self.boxes, self.device, self.cache, "validation")
         truths = np.where(val.label >= 0, val.individual_id, retrieval.NEW).tolist()
-        ids, sims = candidates(queries, gallery, self.train_df.individual_id.to_numpy(), self.cfg.predict)
-        tuned = retrieval.tune_threshold(ids, sims, truths)
-        preds = retrieval.decide(ids, sims, tuned["threshold"])
-        is_new = np.array(truths) == retrieval.NEW
-        split = {f"val_map5_{name}": retrieval.map_at_5([p for p, m in zip(preds, mask, strict=True) if m],
-                                                       list(np.array(truths)[mask]))
-                 for name, mask in (("known", ~is_new), ("new", is_new))}
-        return {"val_map5": tuned["map5"], "val_threshold": tuned["threshold"], **split, "_tuned": tuned}
+        labels = self.train_df.individual_id.to_numpy()
+        tuned = tune_policies(queries, gallery, labels, truths, self.cfg.predict,
+                              dict(zip(self.train_df.individual_id, self.train_df.species, strict=True)))
+        return {"val_map5": tuned["map5"], "val_threshold": tuned["threshold"],
+                "val_map5_known": tuned["map5_known"], "val_map5_new": tuned["map5_new"], "_tuned": tuned}
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -232,7 +229,8 @@ class Trainer:
 
             plot_metrics(self.history, self.out / "metrics.png")
         if self.best < 0:  # no validation set: the last weights are the best we know
-            self._save_best({"threshold": 0.5, "map5": float("nan"), "grid": [], "curve": []})
+            self._save_best({"threshold": 0.5, "map5": float("nan"), "grid": [], "curve": [], "map5_similarity": 0.0,
+                             "map5_share": 0.0, "map5_species": 0.0})
 
     def _save_best(self, tuned: dict) -> None:
         save_checkpoint(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": self.epoch,
@@ -242,16 +240,39 @@ class Trainer:
             from .report import plot_threshold
 
             plot_threshold(tuned, self.out / "threshold.png")
-        log.info("new best validation MAP@5 %.4f at epoch %d (threshold %.3f)", tuned["map5"], self.epoch,
-                 tuned["threshold"])
+        log.info("new best validation MAP@5 %.4f at epoch %d (policy %s; threshold %.3f; MAP@5 by policy: "
+                 "similarity %.4f, share %.4f, species %.4f)", tuned["map5"], self.epoch, self.cfg.predict.policy,
+                 tuned["threshold"], tuned["map5_similarity"], tuned["map5_share"], tuned["map5_species"])
 
 
-def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, pcfg) -> tuple[np.ndarray, np.ndarray]:
-    """Top individuals per query from a photo gallery, or from one mean vector per individual."""
-    if pcfg.gallery == "individual":
-        gallery, labels = retrieval.individual_gallery(gallery, labels)
-    scores, indices = retrieval.search(queries, gallery, pcfg.k)
-    return retrieval.rank_individuals(scores, indices, labels)
+def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, truths: list[str], pcfg,
+                  species_of: dict[str, str]) -> dict:
+    """Validation MAP@5 under each new_individual policy, with what predict needs to apply them to test photos:
+    the tuned threshold and its curve, the new-first share it gives, per-species thresholds, and whether query
+    expansion helped."""
+    kw = {"k": pcfg.k, "gallery_mode": pcfg.gallery, "index": pcfg.index}
+    ids, sims = retrieval.candidates(queries, gallery, labels, **kw)
+    tuned = retrieval.tune_threshold(ids, sims, truths)
+    if pcfg.query_expansion:
+        qe_ids, qe_sims = retrieval.candidates(queries, gallery, labels, **kw, query_expansion=pcfg.query_expansion)
+        qe = retrieval.tune_threshold(qe_ids, qe_sims, truths)
+        tuned["query_expansion_helps"] = qe["map5"] > tuned["map5"]
+        log.info("query expansion (top %d): validation MAP@5 %.4f against %.4f without: %s", pcfg.query_expansion,
+                 qe["map5"], tuned["map5"], "kept" if tuned["query_expansion_helps"] else "turned off")
+        if tuned["query_expansion_helps"]:
+            ids, sims, tuned = qe_ids, qe_sims, {**qe, "query_expansion_helps": True}
+    pos = retrieval.new_position(sims, tuned["threshold"])
+    tuned["new_first_share"] = float(np.mean(pos == 0))
+    groups = np.array([species_of.get(i, "") for i in ids[:, 0]])
+    tuned["per_species"] = retrieval.tune_by_group(ids, sims, truths, groups, tuned["threshold"])
+    for policy in ("similarity", "share", "species"):
+        split = retrieval.map_at_5_split(retrieval.decide(ids, sims, retrieval.policy_thresholds(
+            policy, sims, tuned, groups)), truths)
+        tuned[f"map5_{policy}"] = split["map5"]
+        if policy == pcfg.policy:
+            tuned.update(map5_known=split["map5_known"], map5_new=split["map5_new"])
+    tuned["map5"] = tuned[f"map5_{pcfg.policy}"]
+    return tuned
 
 
 def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> Path:

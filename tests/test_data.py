@@ -5,8 +5,18 @@ import pandas as pd
 import pytest
 
 from reid.config import load_config
-from reid.data import (DataError, collate, holdout_split, kfold_split, list_test, normalize_species, read_boxes,
-                       read_train, safe_path, split_mask)
+from reid.data import (
+    DataError,
+    collate,
+    holdout_split,
+    kfold_split,
+    list_test,
+    normalize_species,
+    read_boxes,
+    read_train,
+    safe_path,
+    split_mask,
+)
 
 
 def make_layout(root, rows, header="image,species,individual_id", files=None, newline="\n", bom=False):

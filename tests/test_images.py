@@ -29,7 +29,7 @@ def test_exif_rotation_is_applied(tmp_path):
 def test_other_modes_become_rgb(tmp_path, mode):
     src = Image.fromarray(gradient())
     if mode == "I;16":
-        im = Image.fromarray((np.asarray(src.convert("L")).astype(np.uint16) * 257))
+        im = Image.fromarray(np.asarray(src.convert("L")).astype(np.uint16) * 257)
         path = tmp_path / "x.png"
     else:
         im = src.convert(mode)

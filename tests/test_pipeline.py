@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -40,7 +41,8 @@ def test_run_folder_holds_everything_to_predict_later(trained):
     split = pd.read_csv(trained / "split.csv")
     new_val = set(split.individual_id[split.is_val]) - set(split.individual_id[~split.is_val])
     assert new_val, "the holdout must contain individuals absent from train"
-    assert len(json.loads((trained / "labels.json").read_text())["classes"]) == split[~split.is_val].individual_id.nunique()
+    classes = json.loads((trained / "labels.json").read_text())["classes"]
+    assert len(classes) == split[~split.is_val].individual_id.nunique()
 
 
 def test_predict_then_evaluate(trained, tiny_set, tmp_path, capsys):
@@ -59,7 +61,7 @@ def test_predict_then_evaluate(trained, tiny_set, tmp_path, capsys):
     # an existing submission is not replaced without --force
     assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(sub)]) == 2
     assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(sub), "--force",
-                 "predict.threshold=-1.0"]) == 0
+                 "predict.threshold=-1.5"]) == 0
     assert not pd.read_csv(sub).predictions.str.startswith("new_individual").any()
 
 
@@ -69,7 +71,7 @@ def test_threshold_override_and_real_layout_without_boxes(trained, tiny_set, tmp
     shutil.copytree(tiny_set, data, ignore=shutil.ignore_patterns("crops.csv", "solution.csv"))
     out = tmp_path / "s.csv"
     assert main(["predict", "--run", str(trained), "--data", str(data), "--out", str(out),
-                 "predict.threshold=2.0", "predict.gallery=individual"]) == 0
+                 "predict.threshold=1.5", "predict.gallery=individual"]) == 0
     assert pd.read_csv(out).predictions.str.startswith("new_individual").all()
 
 
@@ -121,3 +123,42 @@ def test_same_seed_same_embeddings(trained, tiny_set):
     e1, ok = embed_frame(model, df, cfg, boxes, torch.device("cpu"))
     e2, _ = embed_frame(model, df, cfg, boxes, torch.device("cpu"))
     assert ok.all() and (e1 == e2).all() and abs(float((e1 ** 2).sum(1).mean()) - 1) < 1e-5
+
+
+def test_ensemble_of_two_runs(trained, tiny_set, tmp_path):
+    from reid.data import read_train
+    from reid.predict import ensemble_embeddings
+    from tests.conftest import TINY
+
+    other = tmp_path / "other"
+    assert main(["train", "--out", str(other), f"data.root={tiny_set}", *TINY, "train.seed=1",
+                 "model.embedding_dim=16", "train.epochs=1"]) == 0
+    frames = {"g": read_train(tiny_set).head(6)}
+    _, emb, ok, _ = ensemble_embeddings([trained, other], frames, [], [1.0, 3.0])
+    _, alone, _, _ = ensemble_embeddings([other], frames, [])
+    assert emb["g"].shape == (6, 32 + 16) and ok["g"].all()
+    assert np.allclose(np.linalg.norm(emb["g"], axis=1), 1, atol=1e-5)
+    # the second run's part carries weight 3 of 4 of the squared norm, in its own direction
+    part = emb["g"][:, 32:]
+    assert np.allclose((part ** 2).sum(1), 0.75, atol=1e-4)
+    assert np.allclose(part / np.linalg.norm(part, axis=1, keepdims=True), alone["g"], atol=1e-5)
+    out = tmp_path / "ens.csv"
+    assert main(["predict", "--run", str(trained), "--run", str(other), "--weight", "1", "--weight", "3",
+                 "--data", str(tiny_set), "--out", str(out)]) == 0
+    assert main(["predict", "--run", str(trained), "--run", str(other), "--weight", "1",
+                 "--data", str(tiny_set), "--out", str(tmp_path / "bad.csv")]) == 2
+
+
+def test_policies_are_recorded_and_applied(trained, tiny_set, tmp_path, capsys):
+    tuned = json.loads((trained / "threshold.json").read_text())
+    for key in ("map5_similarity", "map5_share", "map5_species", "new_first_share", "per_species"):
+        assert key in tuned
+    out = tmp_path / "share.csv"
+    assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(out),
+                 "predict.policy=share", "predict.new_share=0.5"]) == 0
+    first_new = pd.read_csv(out).predictions.str.startswith("new_individual").mean()
+    assert first_new == pytest.approx(0.5, abs=0.05)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(tiny_set / "solution.csv"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= s["auc_new"] <= 1 and s["hindsight_map5"] >= s["map5"] - 1e-9

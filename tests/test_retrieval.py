@@ -73,3 +73,51 @@ def test_individual_gallery_means():
     g, labels = r.individual_gallery(emb, np.array(["x", "x", "y"]))
     assert labels.tolist() == ["x", "y"]
     assert np.allclose(g, [[2**-0.5, 2**-0.5], [1, 0]])
+
+
+def test_share_policy_sets_new_first_for_the_target_share():
+    sims = np.sort(np.random.default_rng(0).uniform(0, 1, (100, 5)), axis=1)[:, ::-1]
+    ids = np.array([list("abcde")] * 100, dtype=object)
+    th = r.policy_thresholds("share", sims, {"threshold": 0.0}, share=0.3)
+    preds = r.decide(ids, sims, th)
+    assert np.mean([p[0] == NEW for p in preds]) == pytest.approx(0.3, abs=0.011)
+    th_val = r.policy_thresholds("share", sims, {"threshold": 0.0, "new_first_share": 0.5})
+    assert np.mean(sims[:, 0] < th_val) == pytest.approx(0.5, abs=0.011)
+
+
+def test_species_policy_uses_each_species_threshold_with_fallback():
+    sims = np.array([[0.6, 0, 0, 0, 0], [0.6, 0, 0, 0, 0], [0.6, 0, 0, 0, 0]])
+    tuned = {"threshold": 0.5, "per_species": {"beluga": 0.7, "fin_whale": 0.4}}
+    th = r.policy_thresholds("species", sims, tuned, np.array(["beluga", "fin_whale", "gray_whale"]))
+    assert th.tolist() == pytest.approx([0.7, 0.4, 0.5])
+
+
+def test_tune_by_group_separates_groups_and_keeps_small_ones_at_fallback():
+    ids = np.array([list("abcde")] * 8, dtype=object)
+    # group x: known matches at 0.9, new ones at 0.6; group y: known at 0.5, new at 0.2
+    top = [0.9, 0.9, 0.6, 0.6, 0.5, 0.5, 0.2, 0.2]
+    sims = np.array([[t, 0, 0, 0, 0] for t in top])
+    truths = ["a", "a", NEW, NEW, "a", "a", NEW, NEW]
+    groups = np.array(["x"] * 4 + ["y"] * 4)
+    per = r.tune_by_group(ids, sims, truths, groups, fallback=0.0, min_queries=4)
+    assert 0.6 < per["x"] <= 0.9 and 0.2 < per["y"] <= 0.5
+    assert r.tune_by_group(ids, sims, truths, groups, fallback=0.33, min_queries=5) == {"x": 0.33, "y": 0.33}
+
+
+def test_query_expansion_pulls_queries_toward_their_neighbours():
+    gallery = r.normalize(np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0]], np.float32))
+    q = r.normalize(np.array([[0.8, 0.6, 0]], np.float32))
+    scores, idx = r.search(q, gallery, 3)
+    expanded = r.expand_queries(q, gallery, scores, idx, 2)
+    assert expanded @ gallery[0] > q @ gallery[0] and np.isclose(np.linalg.norm(expanded), 1)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_find_clustered_neighbours(kind):
+    rng = np.random.default_rng(0)
+    centres = r.normalize(rng.normal(size=(50, 16)))
+    gallery = r.normalize(np.repeat(centres, 40, axis=0) + 0.05 * rng.normal(size=(2000, 16)))
+    _, exact = r.search(centres, gallery, 5)
+    _, approx = r.search(centres, gallery, 5, kind=kind)
+    recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.9
