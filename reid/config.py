@@ -49,6 +49,9 @@ class AugConfig:
     erasing: float = 0.0  # random erasing (coarse dropout) probability
     mixup: float = 0.0  # Beta(a, a) parameter; 0 turns it off
     cutmix: float = 0.0  # Beta(a, a) parameter; 0 turns it off
+    ricap: float = 0.0  # Beta(a, a) parameter of RICAP's four-photo patchwork; 0 turns it off
+    randaugment: int = 0  # operations drawn per photo from a RandAugment-style policy; 0 turns it off
+    multiscale: list[float] = field(default_factory=list)  # scales of image_size drawn per batch, e.g. [0.75, 1.25]
 
 
 @dataclass
@@ -72,6 +75,9 @@ class LossConfig:
     label_smoothing: float = 0.0
     head_lr_mult: float = 10.0  # the class centres start random: they learn faster than the backbone
     species_weight: float = 0.0  # weight of a species classification head; 0 turns it off
+    margin_rare: float = 0.0  # extra margin (radians) x count^-1/4: grows for individuals with few photos
+    pair_weight: float = 0.0  # weight of a triplet loss on hard pairs mined in the batch, beside the head
+    pair_margin: float = 0.1
 
 
 @dataclass
@@ -90,6 +96,14 @@ class TrainConfig:
     val_every: int = 1
     max_steps_per_epoch: int = 0  # 0: the whole epoch
     grad_clip: float = 5.0
+    lr_reference_batch: int = 0  # >0: lr is scaled by batch_size / this (the linear scaling rule)
+    zero_init_last: bool = False  # zero the last norm of each residual block: blocks start as identities
+    ema: float = 0.0  # decay of an exponential moving average of the weights, used for validation; 0: off
+    accumulate: int = 1  # batches whose gradients are summed before one optimizer step
+    m_per_class: int = 0  # >0: batches of m photos per individual
+    teacher: str = ""  # run folder of a teacher for knowledge distillation
+    distill_weight: float = 0.0
+    distill_temperature: float = 0.1
 
 
 @dataclass
@@ -121,7 +135,7 @@ CHOICES = {
     "split.kind": {"holdout", "kfold", "stratified", "group"},
     "model.pooling": {"gem", "avg"},
     "loss.head": {"arcface", "subcenter"},
-    "train.optimizer": {"adamw", "sgd"},
+    "train.optimizer": {"adamw", "sgd", "adabound"},
     "train.schedule": {"cosine", "step"},
     "train.device": {"auto", "cpu", "cuda"},
     "predict.gallery": {"photo", "individual"},
@@ -139,6 +153,10 @@ RANGES = {  # inclusive bounds
     "train.epochs": (1, 100000), "train.batch_size": (2, 65536), "train.lr": (0.0, 10.0),
     "train.weight_decay": (0.0, 10.0), "train.warmup_epochs": (0.0, 1000.0), "train.val_every": (1, 100000),
     "train.max_steps_per_epoch": (0, 10**9), "train.grad_clip": (0.0, 1e6), "predict.batch_size": (1, 65536),
+    "aug.ricap": (0.0, 100.0), "aug.randaugment": (0, 10), "loss.margin_rare": (0.0, 1.0),
+    "loss.pair_weight": (0.0, 100.0), "loss.pair_margin": (0.0, 2.0), "train.lr_reference_batch": (0, 65536),
+    "train.ema": (0.0, 0.99999), "train.accumulate": (1, 1024), "train.m_per_class": (0, 1024),
+    "train.distill_weight": (0.0, 100.0), "train.distill_temperature": (1e-3, 100.0),
     "predict.k": (1, 2048), "predict.threshold": (-2.0, 2.0), "predict.new_share": (0.0, 1.0),
     "predict.query_expansion": (0, 100),
 }

@@ -92,20 +92,65 @@ class ReidNet(nn.Module):
         return self.neck(pooled.to(self.neck[1].weight.dtype))
 
 
-def build_head(cfg, num_classes: int, embedding_dim: int) -> nn.Module:
+class ClassMargin:
+    """Mixin for pytorch-metric-learning's ArcFace losses: a margin per class (radians) instead of one."""
+
+    def set_class_margins(self, margins: torch.Tensor) -> None:
+        self.register_buffer("class_margins", margins.float())
+
+    def compute_loss(self, embeddings, labels, *args):
+        self._batch_margin = self.class_margins.to(embeddings.device)[labels]
+        return super().compute_loss(embeddings, labels, *args)
+
+    def modify_cosine_of_target_classes(self, cosine: torch.Tensor) -> torch.Tensor:
+        m, angles = self._batch_margin, self.get_angles(cosine)
+        return torch.where(angles <= math.pi - m, torch.cos(angles + m), torch.cos(angles) - m * torch.sin(m))
+
+
+def class_margins(counts, base: float, rare: float) -> torch.Tensor:
+    """Margins that grow for individuals with few photos: base + rare * count^-1/4 (the dynamic margin of the
+    Google Landmark 2020 winners)."""
+    return base + rare * torch.as_tensor(counts, dtype=torch.float32).clamp(min=1) ** -0.25
+
+
+def build_head(cfg, num_classes: int, embedding_dim: int, class_counts=None) -> nn.Module:
     """ArcFace or sub-center ArcFace from pytorch-metric-learning. The config's margin is in radians (as in the
     paper and the seeds' m=0.3); the library takes degrees."""
     from pytorch_metric_learning import losses
 
     margin = math.degrees(cfg.margin)
-    if cfg.head == "subcenter":
-        head = losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=embedding_dim, margin=margin,
-                                           scale=cfg.scale, sub_centers=cfg.sub_centers)
-    else:
-        head = losses.ArcFaceLoss(num_classes, embedding_dim, margin=margin, scale=cfg.scale)
+    base = losses.SubCenterArcFaceLoss if cfg.head == "subcenter" else losses.ArcFaceLoss
+    kwargs = {"sub_centers": cfg.sub_centers} if cfg.head == "subcenter" else {}
+    if cfg.margin_rare and class_counts is not None:
+        base = type(f"ClassMargin{base.__name__}", (ClassMargin, base), {})
+    head = base(num_classes=num_classes, embedding_size=embedding_dim, margin=margin, scale=cfg.scale, **kwargs)
+    if isinstance(head, ClassMargin):
+        head.set_class_margins(class_margins(class_counts, cfg.margin, cfg.margin_rare))
     if cfg.label_smoothing:
         head.cross_entropy = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing)
     return head
+
+
+def pair_loss(cfg) -> tuple[nn.Module, nn.Module] | None:
+    """A triplet loss on the hard pairs a multi-similarity miner finds in the batch, or None when off."""
+    if not cfg.pair_weight:
+        return None
+    from pytorch_metric_learning import losses, miners
+
+    return miners.MultiSimilarityMiner(epsilon=0.1), losses.TripletMarginLoss(margin=cfg.pair_margin)
+
+
+def zero_init_last(model: nn.Module) -> int:
+    """Zero the scale of the last norm layer in every residual block, so each block starts as an identity
+    ("Bag of Tricks"). Returns how many blocks were changed."""
+    changed = 0
+    for block in model.modules():
+        if getattr(block, "has_skip", False):
+            norms = [m for m in block.children() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if norms and norms[-1].weight is not None:
+                nn.init.zeros_(norms[-1].weight)
+                changed += 1
+    return changed
 
 
 def head_loss(head: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

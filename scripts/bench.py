@@ -163,9 +163,50 @@ def bench_hnsw(n_gallery: int, n_query: int = 2000, dim: int = 512, k: int = 5) 
     record("hnsw_1m_build", t_build, "s", "")
 
 
+def bench_gpu(steps: int, backbone: str = "tf_efficientnet_b6", size: int = 512, batch: int = 32,
+              classes: int = 15_587) -> None:
+    """A real-size training step on the GPU: fp32 against bf16 autocast + channels-last, same model and batch."""
+    import torch
+
+    from reid.config import load_config
+    from reid.model import ReidNet, build_head, head_loss, param_groups
+
+    if not torch.cuda.is_available():
+        print("gpu: no CUDA device, skipped")
+        return
+    print(f"gpu: {torch.cuda.get_device_name()}, {backbone} at {size} px, batch {batch}, {classes} classes")
+    cfg = load_config(None, [f"model.backbone={backbone}", "model.out_indices=[3, 4]", "loss.head=subcenter"])
+    model = ReidNet(cfg.model).cuda()
+    head = build_head(cfg.loss, classes, cfg.model.embedding_dim).cuda()
+    opt = torch.optim.AdamW(param_groups(model, head, 1e-4, 1e-4, 10.0))
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    y = torch.randint(0, classes, (batch,), device="cuda")
+    rates = {}
+    for name, dtype, layout in (("fp32", None, torch.contiguous_format), ("bf16_channels_last", torch.bfloat16,
+                                                                          torch.channels_last)):
+        model.to(memory_format=layout)
+        xs = x.contiguous(memory_format=layout)
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(steps + 3):
+            if i == 3:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                emb = model(xs)
+            loss = head_loss(head, emb, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        torch.cuda.synchronize()
+        rates[name] = steps * batch / (time.perf_counter() - start)
+        record(f"gpu_train_{name}_images_per_s", rates[name], "img/s", "", f"loss {float(loss):.3f}")
+        record(f"gpu_train_{name}_peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GB", "")
+    record("gpu_speedup_bf16_channels_last", rates["bf16_channels_last"] / rates["fp32"], "x", "fp32")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="data,loader,search,hnsw")
+    parser.add_argument("--only", default="data,loader,search,hnsw,gpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -179,6 +220,8 @@ def main() -> None:
         bench_search(*((5000, 2000) if q else (51_033, 27_956)))
     if "hnsw" in parts:
         bench_hnsw(20_000 if q else 1_000_000, 200 if q else 2000)
+    if "gpu" in parts:
+        bench_gpu(3 if q else 20)
     out = ROOT / "bench" / "results.json"
     out.parent.mkdir(exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {"runs": []}

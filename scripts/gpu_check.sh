@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# GPU paths end to end on a machine with CUDA: the real-size step benchmark, then synth -> train (AMP,
+# channels-last) -> predict -> evaluate with the demo recipe. Usage: bash scripts/gpu_check.sh OUTDIR
+set -euo pipefail
+out=${1:-/tmp/reid-gpu}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import torch, faiss; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+'faiss gpus', getattr(faiss, 'get_num_gpus', lambda: 0)())"
+python3 scripts/bench.py --only gpu
+python3 -m reid.cli synth "$out/synth" --individuals 300 --jobs 8 > /dev/null
+python3 -m reid.cli train --config configs/demo.yaml --data "$out/synth" --out "$out/run" data.num_workers=8 \
+  train.device=cuda 2>&1 | grep -v "it/s\]" | grep -E "INFO|error|Error" || true
+python3 -m reid.cli predict --run "$out/run" --data "$out/synth" 2>&1 | grep -E "INFO|error" || true
+python3 -m reid.cli evaluate "$out/run/submission.csv" "$out/synth/solution.csv"
