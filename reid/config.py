@@ -95,6 +95,7 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1
     max_steps_per_epoch: int = 0  # 0: the whole epoch
+    time_budget_min: float = 0.0  # >0: train for this wall time (schedule follows the clock; resume is not exact)
     grad_clip: float = 5.0
     lr_reference_batch: int = 0  # >0: lr is scaled by batch_size / this (the linear scaling rule)
     zero_init_last: bool = False  # zero the last norm of each residual block: blocks start as identities
@@ -156,7 +157,8 @@ RANGES = {  # inclusive bounds
     "aug.ricap": (0.0, 100.0), "aug.randaugment": (0, 10), "loss.margin_rare": (0.0, 1.0),
     "loss.pair_weight": (0.0, 100.0), "loss.pair_margin": (0.0, 2.0), "train.lr_reference_batch": (0, 65536),
     "train.ema": (0.0, 0.99999), "train.accumulate": (1, 1024), "train.m_per_class": (0, 1024),
-    "train.distill_weight": (0.0, 100.0), "train.distill_temperature": (1e-3, 100.0),
+    "train.distill_weight": (0.0, 100.0), "train.time_budget_min": (0.0, 1e6),
+    "train.distill_temperature": (1e-3, 100.0),
     "predict.k": (1, 2048), "predict.threshold": (-2.0, 2.0), "predict.new_share": (0.0, 1.0),
     "predict.query_expansion": (0, 100),
 }

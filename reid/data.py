@@ -331,6 +331,12 @@ def build_transform(aug, train: bool):
             A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.3), hole_width_range=(0.1, 0.3),
                             fill="random_uniform", p=aug.erasing),
         ]
+    if train and aug.randaugment:  # RandAugment-style: n operations drawn per photo from one policy
+        steps.append(A.SomeOf([
+            A.Equalize(p=1), A.AutoContrast(p=1), A.Posterize(p=1), A.Solarize(p=1), A.Sharpen(p=1),
+            A.RandomBrightnessContrast(0.3, 0.3, p=1), A.HueSaturationValue(p=1), A.Affine(rotate=(-25, 25), p=1),
+            A.Affine(shear=(-15, 15), p=1), A.Affine(translate_percent=(-0.15, 0.15), p=1),
+        ], n=aug.randaugment, p=1.0))
     return A.Compose([*steps, A.Normalize(), ToTensorV2()])
 
 
@@ -385,17 +391,32 @@ class SeededSampler(Sampler):
     """Shuffled indices, each paired with a per-sample seed, both a function of (seed, epoch) only:
     a run resumed at an epoch boundary sees exactly the batches of an uninterrupted one."""
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True, labels=None, m_per_class: int = 0):
         self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        self.labels, self.m = labels, m_per_class
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        order = self._order(rng)
         seeds = rng.integers(0, 1 << 62, self.n)
         return iter(zip(order.tolist(), seeds.tolist(), strict=True))
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return self._m_per_class(rng) if self.m else rng.permutation(self.n)
+
+    def _m_per_class(self, rng: np.random.Generator) -> np.ndarray:
+        """Runs of m photos of one individual (drawn with replacement when it has fewer), classes shuffled."""
+        groups = pd.Series(np.arange(len(self.labels))).groupby(np.asarray(self.labels)).agg(list).tolist()
+        out: list[int] = []
+        while len(out) < self.n:
+            for g in (groups[i] for i in rng.permutation(len(groups))):
+                out.extend(rng.choice(g, self.m, replace=len(g) < self.m).tolist())
+        return np.array(out[: self.n])
 
 
 def collate(batch: list) -> dict:

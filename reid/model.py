@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,7 +111,7 @@ class ClassMargin:
 def class_margins(counts, base: float, rare: float) -> torch.Tensor:
     """Margins that grow for individuals with few photos: base + rare * count^-1/4 (the dynamic margin of the
     Google Landmark 2020 winners)."""
-    return base + rare * torch.as_tensor(counts, dtype=torch.float32).clamp(min=1) ** -0.25
+    return base + rare * torch.tensor(np.asarray(counts), dtype=torch.float32).clamp(min=1) ** -0.25
 
 
 def build_head(cfg, num_classes: int, embedding_dim: int, class_counts=None) -> nn.Module:
@@ -172,18 +173,29 @@ def param_groups(model: nn.Module, head: nn.Module, lr: float, weight_decay: flo
     ]
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
-    """Linear warmup, then cosine to zero or steps of x0.1 at 60 % and 85 % of training."""
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, progress=None):
+    """Linear warmup, then cosine to zero or steps of x0.1 at 60 % and 85 % of training. `progress()`, when
+    given, says how much of training is done (for a wall-time budget) instead of the step count."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        done = progress() if progress else (step - warmup_steps) / max(1, total_steps - warmup_steps)
         if schedule == "step":
             return 0.1 ** ((done >= 0.6) + (done >= 0.85))
         return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
     return factor
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Relational embedding distillation: the student's softmax over in-batch cosine similarities follows the
+    teacher's (KL divergence at a temperature). Works whatever the two embedding sizes."""
+    eye = torch.eye(len(student), dtype=torch.bool, device=student.device)
+    s, t = l2n(student), l2n(teacher)
+    s_logits = (s @ s.T / temperature).masked_fill(eye, -1e4)
+    t_logits = (t @ t.T / temperature).masked_fill(eye, -1e4)
+    return F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:

@@ -13,27 +13,12 @@ from . import retrieval
 from .cache import from_config as cache_from_config
 from .config import Config, load_config
 from .data import list_test, read_boxes, read_train
-from .files import load_checkpoint, write_csv
+from .files import write_csv
 from .inference import embed_frame, resolve_device
-from .model import ReidNet
 from .submission import write_submission
-from .train import RunError
+from .train import RunError, load_run
 
 log = logging.getLogger(__name__)
-
-
-def load_run(run: Path, overrides: list[str] = ()) -> tuple[Config, ReidNet, dict]:
-    """The run's config (with overrides), its best weights in a model, and the best checkpoint's metadata."""
-    for name in ("config.yaml", "best.pt"):
-        if not (run / name).is_file():
-            raise RunError(f"{run} is not a finished reid run: {name} is missing (train it first, or --resume it)")
-    cfg = load_config(run / "config.yaml", overrides)
-    cfg.model.pretrained, cfg.model.weights = False, ""  # the checkpoint holds every weight
-    meta = load_checkpoint(run / "best.pt")
-    species = json.loads((run / "labels.json").read_text())["species"] if (run / "labels.json").is_file() else []
-    model = ReidNet(cfg.model, len(species) if cfg.loss.species_weight else 0)
-    model.load_state_dict(meta.pop("model"))
-    return cfg, model, meta
 
 
 def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,

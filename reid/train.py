@@ -3,6 +3,7 @@ with the new_individual threshold tuned each epoch, atomic checkpoints and exact
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -15,17 +16,31 @@ from tqdm import tqdm
 
 from . import retrieval
 from .cache import from_config as cache_from_config
-from .config import Config, dump_config, to_dict
+from .config import Config, dump_config, load_config, to_dict
 from .data import SeededSampler, read_boxes, read_train, split_mask
 from .files import load_checkpoint, save_checkpoint, write_csv, write_json, write_text
 from .inference import amp_dtype, autocast, embed_frame, make_loader, photo_dataset, resolve_device
-from .model import ReidNet, build_head, head_loss, lr_lambda, param_groups
+from .model import ReidNet, build_head, distill_loss, head_loss, lr_lambda, pair_loss, param_groups, zero_init_last
 
 log = logging.getLogger(__name__)
 
 
 class RunError(ValueError):
     """A run folder that cannot be used as asked."""
+
+
+def load_run(run: Path, overrides: list[str] = ()) -> tuple[Config, ReidNet, dict]:
+    """The run's config (with overrides), its best weights in a model, and the best checkpoint's metadata."""
+    for name in ("config.yaml", "best.pt"):
+        if not (run / name).is_file():
+            raise RunError(f"{run} is not a finished reid run: {name} is missing (train it first, or --resume it)")
+    cfg = load_config(run / "config.yaml", overrides)
+    cfg.model.pretrained, cfg.model.weights = False, ""  # the checkpoint holds every weight
+    meta = load_checkpoint(run / "best.pt")
+    species = json.loads((run / "labels.json").read_text())["species"] if (run / "labels.json").is_file() else []
+    model = ReidNet(cfg.model, len(species) if cfg.loss.species_weight else 0)
+    model.load_state_dict(meta.pop("model"))
+    return cfg, model, meta
 
 
 def open_run(out: Path, resume: bool, force: bool) -> None:
@@ -77,16 +92,27 @@ class Trainer:
         self.boxes = read_boxes(Path(cfg.data.root), cfg.data.crops)
         self.cache = cache_from_config(cfg)
         self.train_df = self.df[~self.df.is_val].reset_index(drop=True)
-        self.model = ReidNet(cfg.model, len(self.species) if cfg.loss.species_weight else 0).to(self.device)
+        self.model = ReidNet(cfg.model, len(self.species) if cfg.loss.species_weight else 0)
+        if cfg.train.zero_init_last:
+            log.info("zero-initialised the last norm of %d residual blocks", zero_init_last(self.model))
+        self.model.to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.head = build_head(cfg.loss, len(self.classes), cfg.model.embedding_dim).to(self.device)
+        counts = self.train_df.label.value_counts().reindex(range(len(self.classes)), fill_value=1).to_numpy()
+        self.head = build_head(cfg.loss, len(self.classes), cfg.model.embedding_dim, counts).to(self.device)
+        self.pairs = pair_loss(cfg.loss)
+        self.teacher = self._teacher()
+        self.ema = self._ema()
         self.loader = self._train_loader()
         self.steps = len(self.loader) if not cfg.train.max_steps_per_epoch else \
             min(len(self.loader), cfg.train.max_steps_per_epoch)
         self.optimizer = self._optimizer()
-        total, warmup = cfg.train.epochs * self.steps, int(cfg.train.warmup_epochs * self.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total, warmup, cfg.train.schedule))
+        updates = self.steps // cfg.train.accumulate
+        total, warmup = cfg.train.epochs * updates, int(cfg.train.warmup_epochs * updates)
+        self.budget_s, self.started = cfg.train.time_budget_min * 60, time.perf_counter()
+        progress = (lambda: min(1.0, self.elapsed() / self.budget_s)) if self.budget_s else None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(total, warmup, cfg.train.schedule, progress))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.epoch, self.best, self.history = 0, -1.0, []
 
@@ -94,23 +120,59 @@ class Trainer:
         labels = np.stack([self.train_df.label, self.train_df.species_label], 1)
         ds = photo_dataset(self.train_df, self.cfg, self.boxes, True, labels=labels.tolist(), cache=self.cache)
         batch = min(self.cfg.train.batch_size, len(ds))
-        self.sampler = SeededSampler(len(ds), self.cfg.train.seed)
+        m = self.cfg.train.m_per_class
+        self.sampler = SeededSampler(len(ds), self.cfg.train.seed, labels=self.train_df.label.to_numpy() if m else None,
+                                     m_per_class=m)
         return make_loader(ds, self.cfg, self.device, batch, self.sampler, drop_last=True)
+
+    def _teacher(self) -> torch.nn.Module | None:
+        if not self.cfg.train.teacher:
+            return None
+        _, teacher, _ = load_run(Path(self.cfg.train.teacher))
+        log.info("distilling from the teacher run %s (weight %g, temperature %g)", self.cfg.train.teacher,
+                 self.cfg.train.distill_weight, self.cfg.train.distill_temperature)
+        return teacher.to(self.device).eval().requires_grad_(False)
+
+    def _ema(self):
+        if not self.cfg.train.ema:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.model, decay=self.cfg.train.ema)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validated and saved as best: the moving average when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        groups = param_groups(self.model, self.head, t.lr, t.weight_decay, self.cfg.loss.head_lr_mult)
+        lr = t.lr * (self.loader.batch_size / t.lr_reference_batch if t.lr_reference_batch else 1.0)
+        groups = param_groups(self.model, self.head, lr, t.weight_decay, self.cfg.loss.head_lr_mult)
         if t.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, nesterov=True)
-        return torch.optim.AdamW(groups, lr=t.lr)
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        if t.optimizer == "adabound":
+            try:
+                import adabound
+            except ImportError as err:
+                raise RunError("train.optimizer=adabound needs the adabound package: pip install adabound") from err
+            return adabound.AdaBound(groups, lr=lr, final_lr=lr * 30)
+        return torch.optim.AdamW(groups, lr=lr)
 
     # ------------------------------------------------------------ state
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def out_of_time(self) -> bool:
+        return bool(self.budget_s) and self.elapsed() >= self.budget_s
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "head": self.head.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "best": self.best,
-                "history": self.history, "config": to_dict(self.cfg)}
+                "history": self.history, "config": to_dict(self.cfg),
+                "ema": self.ema.state_dict() if self.ema is not None else {}}
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -119,29 +181,30 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
         log.info("resumed from %s after epoch %d (best validation MAP@5 %.4f)", path, self.epoch, self.best)
 
     # ------------------------------------------------------------ loop
 
-    def _mix(self, x: torch.Tensor, gen: torch.Generator):
-        """Mixup or CutMix on the batch: returns (images, partner permutation, weight of the own label)."""
+    def _mix(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, list]:
+        """Mixup, CutMix or RICAP on the batch, one drawn per batch among those switched on. Returns the images
+        and [(partner permutation or None for the photo's own label, label weight), ...]."""
         a = self.cfg.aug
-        if not (a.mixup or a.cutmix):
-            return x, None, 1.0
-        use_cutmix = a.cutmix and (not a.mixup or torch.rand(1, generator=gen).item() < 0.5)
-        alpha = a.cutmix if use_cutmix else a.mixup
-        lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
+        kinds = [k for k in ("mixup", "cutmix", "ricap") if getattr(a, k)]
+        if not kinds:
+            return x, [(None, 1.0)]
+        kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
+        alpha = getattr(a, kind)
+        beta = torch.distributions.Beta(alpha, alpha)
+        lam = float(beta.sample())
         perm = torch.randperm(len(x), generator=gen).to(x.device)
-        if not use_cutmix:
-            return lam * x + (1 - lam) * x[perm], perm, lam
-        h, w = x.shape[-2:]
-        ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
-        cy, cx = int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))
-        y1, y2, x1, x2 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        x = x.clone()
-        x[..., y1:y2, x1:x2] = x[perm][..., y1:y2, x1:x2]
-        return x, perm, 1 - (y2 - y1) * (x2 - x1) / (h * w)
+        if kind == "mixup":
+            return lam * x + (1 - lam) * x[perm], [(None, lam), (perm, 1 - lam)]
+        if kind == "cutmix":
+            return cutmix(x, perm, lam, gen)
+        return ricap(x, float(beta.sample()), lam, gen)
 
     def _loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = head_loss(self.head, emb, labels[:, 0])
@@ -160,10 +223,10 @@ class Trainer:
         bar = tqdm(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step")
         tick = time.perf_counter()
         for step, batch in enumerate(self.loader):
-            if step >= self.steps:
+            if step >= self.steps or self.out_of_time():
                 break
             wait += time.perf_counter() - tick
-            losses.append(self._step(batch, gen))
+            losses.append(self._step(batch, gen, step))
             seen += len(batch["labels"])
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
@@ -174,35 +237,60 @@ class Trainer:
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen / elapsed,
                 "data_wait_share": wait / elapsed, "epoch_s": elapsed}
 
-    def _step(self, batch: dict, gen: torch.Generator) -> float:
+    def _step(self, batch: dict, gen: torch.Generator, step: int) -> float:
         x = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device)
+        x = self._rescale(x, gen)
         if self.device.type == "cuda" and self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x, perm, lam = self._mix(x, gen)
+        x, parts = self._mix(x, gen)
         with autocast(self.device, self.dtype):
             emb = self.model(x)
-        loss = self._loss(emb, labels)
-        if perm is not None:
-            loss = lam * loss + (1 - lam) * self._loss(emb, labels[perm])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        loss = sum(w * self._loss(emb, labels if perm is None else labels[perm]) for perm, w in parts)
+        if self.pairs is not None:
+            miner, triplet = self.pairs
+            with torch.autocast(self.device.type, enabled=False):
+                e = emb.float()
+                loss = loss + self.cfg.loss.pair_weight * triplet(e, labels[:, 0], miner(e, labels[:, 0]))
+        if self.teacher is not None:
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                target = self.teacher(x)
+            t = self.cfg.train
+            loss = loss + t.distill_weight * distill_loss(emb.float(), target.float(), t.distill_temperature)
+        self.scaler.scale(loss / self.cfg.train.accumulate).backward()
+        if (step + 1) % self.cfg.train.accumulate == 0:
+            self._update()
+        return float(loss.detach())
+
+    def _update(self) -> None:
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(loss.detach())
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _rescale(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Multi-scale training: the batch resized to one scale of image_size drawn per batch (multiples of 32)."""
+        scales = self.cfg.aug.multiscale
+        if not scales:
+            return x
+        scale = scales[int(torch.randint(len(scales), (1,), generator=gen))]
+        side = max(32, int(round(self.cfg.data.image_size * scale / 32)) * 32)
+        return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
 
     def validate(self) -> dict:
         """Embed the training photos as gallery and the validation photos as queries; tune the thresholds."""
         val = self.df[self.df.is_val]
         if val.empty:
             return {}
-        gallery, _ = embed_frame(self.model, self.train_df, self.cfg, self.boxes, self.device, self.cache, "gallery")
-        queries, _ = embed_frame(self.model, val, self.cfg, self.boxes, self.device, self.cache, "validation")
+        model = self.eval_model
+        gallery, _ = embed_frame(model, self.train_df, self.cfg, self.boxes, self.device, self.cache, "gallery")
+        queries, _ = embed_frame(model, val, self.cfg, self.boxes, self.device, self.cache, "validation")
         truths = np.where(val.label >= 0, val.individual_id, retrieval.NEW).tolist()
         labels = self.train_df.individual_id.to_numpy()
         tuned = tune_policies(queries, gallery, labels, truths, self.cfg.predict,
@@ -212,10 +300,10 @@ class Trainer:
 
     def fit(self) -> None:
         cfg = self.cfg
-        while self.epoch < cfg.train.epochs:
+        while self.epoch < cfg.train.epochs and not self.out_of_time():
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             self.epoch += 1
-            if self.epoch % cfg.train.val_every == 0 or self.epoch == cfg.train.epochs:
+            if self.epoch % cfg.train.val_every == 0 or self.epoch == cfg.train.epochs or self.out_of_time():
                 row.update(self.validate())
             tuned = row.pop("_tuned", None)
             self.history.append(row)
@@ -233,7 +321,7 @@ class Trainer:
                              "map5_share": 0.0, "map5_species": 0.0})
 
     def _save_best(self, tuned: dict) -> None:
-        save_checkpoint(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": self.epoch,
+        save_checkpoint(self.out / "best.pt", {"model": self.eval_model.state_dict(), "epoch": self.epoch,
                                                "threshold": tuned["threshold"], "val_map5": tuned["map5"]})
         write_json(self.out / "threshold.json", {"policy": "similarity", "epoch": self.epoch, **tuned})
         if tuned["grid"]:
@@ -243,6 +331,34 @@ class Trainer:
         log.info("new best validation MAP@5 %.4f at epoch %d (policy %s; threshold %.3f; MAP@5 by policy: "
                  "similarity %.4f, share %.4f, species %.4f)", tuned["map5"], self.epoch, self.cfg.predict.policy,
                  tuned["threshold"], tuned["map5_similarity"], tuned["map5_share"], tuned["map5_species"])
+
+
+def cutmix(x: torch.Tensor, perm: torch.Tensor, lam: float, gen: torch.Generator) -> tuple[torch.Tensor, list]:
+    """A box of a partner photo pasted in; labels weighted by the areas."""
+    h, w = x.shape[-2:]
+    ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))
+    y1, y2, x1, x2 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[..., y1:y2, x1:x2] = x[perm][..., y1:y2, x1:x2]
+    area = (y2 - y1) * (x2 - x1) / (h * w)
+    return x, [(None, 1 - area), (perm, area)]
+
+
+def ricap(x: torch.Tensor, bw: float, bh: float, gen: torch.Generator) -> tuple[torch.Tensor, list]:
+    """RICAP: four photos' random crops tiled into one; labels weighted by the tiles' areas."""
+    h, w = x.shape[-2:]
+    cw, ch = max(1, min(w - 1, int(round(w * bw)))), max(1, min(h - 1, int(round(h * bh))))
+    tiles = [(0, 0, ch, cw), (0, cw, ch, w - cw), (ch, 0, h - ch, cw), (ch, cw, h - ch, w - cw)]
+    out, parts = torch.empty_like(x), []
+    for k, (ty, tx, th, tw) in enumerate(tiles):
+        perm = torch.randperm(len(x), generator=gen).to(x.device) if k else None
+        src = x if perm is None else x[perm]
+        sy = int(torch.randint(h - th + 1, (1,), generator=gen))
+        sx = int(torch.randint(w - tw + 1, (1,), generator=gen))
+        out[..., ty: ty + th, tx: tx + tw] = src[..., sy: sy + th, sx: sx + tw]
+        parts.append((perm, th * tw / (h * w)))
+    return out, parts
 
 
 def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, truths: list[str], pcfg,

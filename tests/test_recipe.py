@@ -1,0 +1,108 @@
+"""The training recipe's switches: each one changes what it should, on tiny hand-made inputs or a tiny run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reid.cli import main
+from reid.config import load_config
+from reid.data import SeededSampler, build_transform
+from reid.model import build_head, class_margins, distill_loss, zero_init_last
+from reid.train import cutmix, ricap
+from tests.conftest import TINY
+
+
+def test_class_margins_grow_for_rare_individuals_and_reach_the_loss():
+    m = class_margins([1, 16, 256], base=0.2, rare=0.2)
+    assert m.tolist() == pytest.approx([0.4, 0.3, 0.25])
+    cfg = load_config(None, ["loss.margin=0.2", "loss.margin_rare=0.2", "loss.scale=1"])
+    head = build_head(cfg.loss, 3, 2, class_counts=[1, 16, 256])
+    head._batch_margin = head.class_margins[torch.tensor([0, 1, 2])]
+    target = head.modify_cosine_of_target_classes(torch.ones(3) * math.cos(0.1))
+    assert target.tolist() == pytest.approx([math.cos(0.5), math.cos(0.4), math.cos(0.35)], abs=1e-5)
+    assert head(torch.tensor([[1.0, 0.0]] * 3), torch.tensor([0, 1, 2])).item() > 0
+
+
+def test_mixing_weights_sum_to_one_and_pixels_come_from_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()
+    for out, parts in (cutmix(x, torch.tensor([1, 2, 3, 0]), 0.6, gen), ricap(x, 0.3, 0.6, gen)):
+        assert sum(w for _, w in parts) == pytest.approx(1.0)
+        assert set(out.unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    out, parts = ricap(x, 0.5, 0.5, gen)
+    assert len(parts) == 4 and all(w == pytest.approx(0.25) for _, w in parts)
+
+
+def test_m_per_class_sampler_gives_runs_of_one_individual():
+    labels = np.repeat(np.arange(10), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    order = [i for i, _ in SeededSampler(len(labels), 0, labels=labels, m_per_class=4)]
+    runs = np.array(labels[order][: len(order) // 4 * 4]).reshape(-1, 4)
+    assert (runs == runs[:, :1]).all() and len(order) == len(labels)
+    assert order == [i for i, _ in SeededSampler(len(labels), 0, labels=labels, m_per_class=4)]
+
+
+def test_zero_init_last_makes_residual_blocks_identities():
+    import timm
+
+    model = timm.create_model("tinynet_e", pretrained=False).eval()  # the test_ models have no skip blocks
+    assert zero_init_last(model) > 0
+    block = next(b for b in model.modules() if getattr(b, "has_skip", False))
+    channels = next(m for m in block.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    x = torch.randn(2, channels, 8, 8)
+    assert torch.allclose(block(x), x, atol=1e-6)
+
+
+def test_distillation_is_zero_when_student_matches_teacher():
+    t = torch.randn(6, 8)
+    assert distill_loss(t, t, 0.1).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_loss(torch.randn(6, 4), t, 0.1).item() > 0.01
+
+
+def test_randaugment_policy_changes_photos_reproducibly():
+    cfg = load_config(None, ["aug.randaugment=2", "aug.hflip=0", "aug.color=0", "aug.affine=0"])
+    tf = build_transform(cfg.aug, True)
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    tf.set_random_seed(5)
+    a = tf(image=img)["image"]
+    tf.set_random_seed(5)
+    b = tf(image=img)["image"]
+    plain = build_transform(load_config(None, []).aug, False)(image=img)["image"]
+    assert torch.equal(a, b) and not torch.allclose(a, plain)
+
+
+@pytest.mark.parametrize("switches", [
+    ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
+    ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
+     "loss.pair_weight=0.5", "train.m_per_class=4"],
+    ["train.optimizer=sgd", "train.lr_reference_batch=64", "train.zero_init_last=true", "train.ema=0.9",
+     "train.accumulate=2", "train.schedule=step"],
+])
+def test_switches_train_end_to_end(tmp_path, tiny_set, switches):
+    run = tmp_path / "r"
+    assert main(["train", "--out", str(run), f"data.root={tiny_set}", *TINY, "train.epochs=1", *switches]) == 0
+    assert (run / "best.pt").is_file()
+
+
+def test_adabound_and_distillation_from_a_teacher(tmp_path, tiny_set):
+    pytest.importorskip("adabound")
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--out", str(teacher), f"data.root={tiny_set}", *TINY, "train.epochs=1"]) == 0
+    student = tmp_path / "student"
+    assert main(["train", "--out", str(student), f"data.root={tiny_set}", *TINY, "train.epochs=1",
+                 "train.optimizer=adabound", f"train.teacher={teacher}", "train.distill_weight=1.0",
+                 "model.embedding_dim=16"]) == 0
+    assert (student / "best.pt").is_file()
+
+
+def test_time_budget_stops_training_and_validates(tmp_path, tiny_set):
+    import pandas as pd
+
+    run = tmp_path / "r"
+    assert main(["train", "--out", str(run), f"data.root={tiny_set}", *TINY, "train.epochs=1000",
+                 "train.val_every=1000", "train.time_budget_min=0.02"]) == 0
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert len(metrics) < 1000 and metrics.val_map5.notna().iloc[-1] and (run / "best.pt").is_file()
