@@ -300,6 +300,7 @@ class Trainer:
 
     def fit(self) -> None:
         cfg = self.cfg
+        self.started = time.perf_counter()  # the wall-time budget counts training, not set-up
         while self.epoch < cfg.train.epochs and not self.out_of_time():
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             self.epoch += 1
