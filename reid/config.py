@@ -118,6 +118,7 @@ class PredictConfig:
     policy: str = "similarity"  # new_individual: similarity threshold | share of test photos | species thresholds
     new_share: float | None = None  # share policy: target share of new-first answers (None: as on validation)
     query_expansion: int = 0  # average each query with its top-n gallery neighbours (0: off)
+    rerank: bool = False  # k-reciprocal re-ranking (kept only where it helps on the holdout)
 
 
 @dataclass

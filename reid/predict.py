@@ -63,10 +63,13 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     labels = gallery_df.individual_id.to_numpy()
     tuned = load_tuned(runs[0], cfg)
     qe = cfg.predict.query_expansion if tuned.get("query_expansion_helps", True) else 0
-    if cfg.predict.query_expansion and not qe:
-        log.info("query expansion is off: it did not help on the holdout")
+    rerank = cfg.predict.rerank and tuned.get("rerank_helps", True)
+    for name, asked, used in (("query expansion", cfg.predict.query_expansion, qe), ("re-ranking", cfg.predict.rerank,
+                                                                                     rerank)):
+        if asked and not used:
+            log.info("%s is off: it did not help on the holdout", name)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
-                                     cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe)
+                                     cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank)
     species_of = dict(zip(gallery_df.individual_id, gallery_df.species, strict=True))
     groups = np.array([species_of.get(i, "") for i in ids[:, 0]])
     thresholds = retrieval.policy_thresholds(cfg.predict.policy, sims, tuned, groups, cfg.predict.new_share)

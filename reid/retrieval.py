@@ -220,14 +220,35 @@ def expand_queries(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray,
     return normalize(queries + (gallery[np.maximum(top, 0)] * weights).sum(axis=1))
 
 
+def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray, indices: np.ndarray,
+                        k1: int = 20, lam: float = 0.3, index: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's candidates as (1 - lam) * cosine + lam * Jaccard overlap of their k-reciprocal
+    neighbour sets (Zhong et al. 2017, on top-k1 lists over gallery and queries together), then re-sort."""
+    nodes = np.concatenate([gallery, queries])
+    _, nn = search(nodes, nodes, k1 + 1, kind=index)
+    near = [set(row[row >= 0].tolist()) for row in nn]
+    recip = [{j for j in near[i] if i in near[j]} for i in range(len(nodes))]
+    new = scores.copy()
+    for q in range(len(queries)):
+        rq = recip[len(gallery) + q]
+        for c, g in enumerate(indices[q]):
+            if g >= 0:
+                rg = recip[g]
+                new[q, c] = (1 - lam) * scores[q, c] + lam * len(rq & rg) / max(1, len(rq | rg))
+    order = np.argsort(-new, axis=1, kind="stable")
+    return np.take_along_axis(new, order, 1), np.take_along_axis(indices, order, 1)
+
+
 def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int = 50, gallery_mode: str = "photo",
-               index: str = "flat", query_expansion: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               index: str = "flat", query_expansion: int = 0, rerank: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top individuals per query (ids, sims), from a photo gallery or one mean vector per individual,
-    optionally after query expansion."""
+    optionally after query expansion and k-reciprocal re-ranking."""
     if gallery_mode == "individual":
         gallery, labels = individual_gallery(gallery, labels)
     scores, indices = search(queries, gallery, k, kind=index)
     if query_expansion:
-        scores, indices = search(expand_queries(queries, gallery, scores, indices, query_expansion), gallery, k,
-                                 kind=index)
+        queries = expand_queries(queries, gallery, scores, indices, query_expansion)
+        scores, indices = search(queries, gallery, k, kind=index)
+    if rerank:
+        scores, indices = k_reciprocal_rerank(queries, gallery, scores, indices, index=index)
     return rank_individuals(scores, indices, labels)

@@ -370,14 +370,20 @@ def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, 
     kw = {"k": pcfg.k, "gallery_mode": pcfg.gallery, "index": pcfg.index}
     ids, sims = retrieval.candidates(queries, gallery, labels, **kw)
     tuned = retrieval.tune_threshold(ids, sims, truths)
-    if pcfg.query_expansion:
-        qe_ids, qe_sims = retrieval.candidates(queries, gallery, labels, **kw, query_expansion=pcfg.query_expansion)
-        qe = retrieval.tune_threshold(qe_ids, qe_sims, truths)
-        tuned["query_expansion_helps"] = qe["map5"] > tuned["map5"]
-        log.info("query expansion (top %d): validation MAP@5 %.4f against %.4f without: %s", pcfg.query_expansion,
-                 qe["map5"], tuned["map5"], "kept" if tuned["query_expansion_helps"] else "turned off")
-        if tuned["query_expansion_helps"]:
-            ids, sims, tuned = qe_ids, qe_sims, {**qe, "query_expansion_helps": True}
+    for switch, value in (("query_expansion", pcfg.query_expansion), ("rerank", pcfg.rerank)):
+        if not value:
+            continue
+        kw[switch] = value
+        alt_ids, alt_sims = retrieval.candidates(queries, gallery, labels, **kw)
+        alt = retrieval.tune_threshold(alt_ids, alt_sims, truths)
+        helps = alt["map5"] > tuned["map5"]
+        log.info("%s: validation MAP@5 %.4f against %.4f without: %s", switch, alt["map5"], tuned["map5"],
+                 "kept" if helps else "turned off")
+        if helps:
+            ids, sims, tuned = alt_ids, alt_sims, {**alt, **{k: v for k, v in tuned.items() if k.endswith("_helps")}}
+        else:
+            kw.pop(switch)
+        tuned[f"{switch}_helps"] = helps
     pos = retrieval.new_position(sims, tuned["threshold"])
     tuned["new_first_share"] = float(np.mean(pos == 0))
     groups = np.array([species_of.get(i, "") for i in ids[:, 0]])

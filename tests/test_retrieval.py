@@ -121,3 +121,20 @@ def test_approximate_indexes_find_clustered_neighbours(kind):
     _, approx = r.search(centres, gallery, 5, kind=kind)
     recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approx, exact, strict=True)])
     assert recall >= 0.9
+
+
+def test_k_reciprocal_rerank_promotes_mutual_neighbours():
+    # the query's plain nearest photo (d) belongs to another dense group; its own group G is mutual with it
+    rng = np.random.default_rng(0)
+    e = np.eye(8, dtype=np.float32)
+    group = r.normalize(e[0] + 0.03 * rng.normal(size=(4, 8)).astype(np.float32))
+    hub = r.normalize(e[0] + 0.33 * e[1] + 0.5 * e[2] + 0.03 * rng.normal(size=(6, 8)).astype(np.float32))
+    d = r.normalize((e[0] + 0.33 * e[1] + 0.3 * e[2])[None])
+    query = r.normalize((e[0] + 0.33 * e[1] + 0.08 * e[2])[None])
+    gallery = np.concatenate([group, hub, d])
+    scores, idx = r.search(query, gallery, 11)
+    assert idx[0, 0] == 10
+    new_scores, new_idx = r.k_reciprocal_rerank(query, gallery, scores, idx, k1=5, lam=0.9)
+    assert set(new_idx[0, :4].tolist()) == {0, 1, 2, 3} and (np.diff(new_scores[0]) <= 1e-6).all()
+    same_scores, same_idx = r.k_reciprocal_rerank(query, gallery, scores, idx, k1=5, lam=0.0)
+    assert (same_idx == idx).all() and np.allclose(same_scores, scores)
