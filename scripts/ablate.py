@@ -41,11 +41,12 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
 }
 
 
-def run_one(name: str, overrides: list[str], seed: int, minutes: float, data: Path, out: Path) -> dict:
+def run_one(name: str, overrides: list[str], seed: int, minutes: float, data: Path, out: Path,
+            extra: list[str] = ()) -> dict:
     run = out / f"{abs(hash((name, seed))) % 10**8:08d}"
     cmd = [sys.executable, "-m", "reid.cli", "train", "--config", str(ROOT / "configs/demo.yaml"), "--data",
            str(data), "--out", str(run), "--force", f"train.seed={seed}", f"split.seed={0}", "train.epochs=1000",
-           "train.val_every=1000", f"train.time_budget_min={minutes}", *overrides]
+           "train.val_every=1000", f"train.time_budget_min={minutes}", *extra, *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -54,6 +55,15 @@ def run_one(name: str, overrides: list[str], seed: int, minutes: float, data: Pa
     return {"recipe": name, "seed": seed, "val_map5": last.val_map5, "val_map5_known": last.val_map5_known,
             "val_map5_new": last.val_map5_new, "epochs": int(last.epoch), "wall_s": time.perf_counter() - start,
             "overrides": " ".join(overrides), "error": ""}
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} CPU cores{gpu}"
 
 
 def table(df: pd.DataFrame, minutes: float) -> str:
@@ -69,7 +79,7 @@ def table(df: pd.DataFrame, minutes: float) -> str:
                     f"{r.val_map5_new.mean():.4f} | {r.epochs.mean():.1f} | {r.wall_s.mean():.0f} |")
     for _, r in df[df.error.fillna("") != ""].iterrows():
         rows.append(f"| {r.recipe} (seed {r.seed}) | failed: {r.error} | | | | | |")
-    head = (f"# Recipe ablation\n\nEach recipe trained for {minutes:g} min of wall time on this 2-core CPU from "
+    head = (f"# Recipe ablation\n\nEach recipe trained for {minutes:g} min of wall time on {machine()} from "
             f"scratch (`python scripts/ablate.py --minutes {minutes:g}`), seeds {sorted(ok.seed.unique().tolist())}; "
             "validation MAP@5 on the holdout (25 % of its photos new individuals, threshold tuned on it, the same "
             "for every recipe). Spread is half the range over seeds.\n\n")
@@ -82,10 +92,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--data", type=Path, default=ROOT / "data/synth")
     p.add_argument("--only", nargs="*", default=None, help="recipe names (prefix match)")
+    p.add_argument("--results", type=Path, default=ROOT / "docs", help="where ablation.csv and ablation.md go")
+    p.add_argument("--extra", nargs="*", default=[], help="key=value overrides for every recipe (e.g. workers)")
     args = p.parse_args()
     if not (args.data / "train.csv").exists():
         subprocess.run([sys.executable, "-m", "reid.cli", "synth", str(args.data)], cwd=ROOT, check=True)
-    csv, md, out = ROOT / "docs/ablation.csv", ROOT / "docs/ablation.md", ROOT / "runs/ablation"
+    csv, md, out = args.results / "ablation.csv", args.results / "ablation.md", ROOT / "runs/ablation"
     done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["recipe", "seed", "error"])
     for name, overrides in RECIPES.items():
         if args.only and not any(name.startswith(o) for o in args.only):
@@ -96,7 +108,7 @@ def main() -> None:
         for seed in args.seeds:
             if ((done.recipe == name) & (done.seed == seed) & (done.error.fillna("") == "")).any():
                 continue
-            row = run_one(name, overrides, seed, args.minutes, args.data, out)
+            row = run_one(name, overrides, seed, args.minutes, args.data, out, args.extra)
             print(row, flush=True)
             done = pd.concat([done[~((done.recipe == name) & (done.seed == seed))], pd.DataFrame([row])])
             sys.path.insert(0, str(ROOT))
