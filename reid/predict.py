@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,
-                        data: Path | None = None) -> tuple[Config, dict[str, np.ndarray], dict[str, np.ndarray], list]:
-    """Each run's normalized embeddings of each frame, weighted and concatenated (one run: its own)."""
+                        data: Path | None = None) -> tuple[Config, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each run's normalized embeddings of each frame, weighted and concatenated (one run: its own), with the
+    mask of readable photos; the first run's config decides retrieval."""
     weights = weights or [1.0] * len(runs)
-    parts, ok, metas, first = {k: [] for k in frames}, {}, [], None
+    parts, ok, first = {k: [] for k in frames}, {}, None
     for run, weight in zip(runs, weights, strict=True):
-        cfg, model, meta = load_run(run, overrides)
+        cfg, model, _ = load_run(run, overrides)
         if data is not None:
             cfg.data.root = str(data)
         first = first or cfg
@@ -39,9 +40,8 @@ def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overr
                                     on_error="blank")
             parts[name].append(np.sqrt(weight) * emb)
             ok[name] = ok.get(name, good) & good
-        metas.append(meta)
     joined = {k: retrieval.normalize(np.concatenate(v, axis=1)) for k, v in parts.items()}
-    return first, joined, ok, metas
+    return first, joined, ok
 
 
 def predict(runs: list[Path], data: Path | None = None, out: Path | None = None, overrides: list[str] = (),
@@ -59,15 +59,10 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
              gallery_df.individual_id.nunique(), len(test_df))
     if weights and len(weights) != len(runs):
         raise RunError(f"{len(weights)} --weight value(s) for {len(runs)} --run folder(s); give one per run")
-    cfg, emb, ok, _ = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, weights, root)
+    cfg, emb, ok = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, weights, root)
     labels = gallery_df.individual_id.to_numpy()
     tuned = load_tuned(runs[0], cfg)
-    qe = cfg.predict.query_expansion if tuned.get("query_expansion_helps", True) else 0
-    rerank = cfg.predict.rerank and tuned.get("rerank_helps", True)
-    for name, asked, used in (("query expansion", cfg.predict.query_expansion, qe), ("re-ranking", cfg.predict.rerank,
-                                                                                     rerank)):
-        if asked and not used:
-            log.info("%s is off: it did not help on the holdout", name)
+    qe, rerank = holdout_switches(cfg, tuned)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank)
     species_of = dict(zip(gallery_df.individual_id, gallery_df.species, strict=True))
@@ -83,6 +78,17 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     log.info("policy %s (threshold %.3f on average): %.1f %% of test photos get new_individual first; wrote %s",
              cfg.predict.policy, float(np.mean(thresholds)), 100 * np.mean([p[0] == retrieval.NEW for p in preds]), out)
     return out
+
+
+def holdout_switches(cfg: Config, tuned: dict) -> tuple[int, bool]:
+    """Query expansion and re-ranking as asked, less those the holdout showed not to help."""
+    qe = cfg.predict.query_expansion if tuned.get("query_expansion_helps", True) else 0
+    rerank = cfg.predict.rerank and tuned.get("rerank_helps", True)
+    for name, asked, used in (("query expansion", cfg.predict.query_expansion, qe), ("re-ranking", cfg.predict.rerank,
+                                                                                     rerank)):
+        if asked and not used:
+            log.info("%s is off: it did not help on the holdout", name)
+    return qe, rerank
 
 
 def load_tuned(run: Path, cfg: Config) -> dict:

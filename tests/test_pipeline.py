@@ -87,7 +87,7 @@ def _train_cmd(run: Path, tiny_set: Path, *extra: str) -> list[str]:
     from tests.conftest import TINY
 
     return [sys.executable, "-m", "reid.cli", "train", "--out", str(run), f"data.root={tiny_set}", *TINY,
-            "train.epochs=4", *extra]
+            "train.epochs=6", *extra]
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_set):
@@ -103,10 +103,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_set):
     time.sleep(float(torch.rand(1)) * 0.5)  # somewhere inside epoch 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert load_checkpoint(crashed / "last.pt")["epoch"] < 4, "the run finished before it was killed"
+    assert load_checkpoint(crashed / "last.pt")["epoch"] < 6, "the run finished before it was killed"
     subprocess.run([*_train_cmd(crashed, tiny_set), "--resume"], check=True, env=env, capture_output=True)
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(crashed / "last.pt")
-    assert a["epoch"] == b["epoch"] == 4
+    assert a["epoch"] == b["epoch"] == 6
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
@@ -134,8 +134,8 @@ def test_ensemble_of_two_runs(trained, tiny_set, tmp_path):
     assert main(["train", "--out", str(other), f"data.root={tiny_set}", *TINY, "train.seed=1",
                  "model.embedding_dim=16", "train.epochs=1"]) == 0
     frames = {"g": read_train(tiny_set).head(6)}
-    _, emb, ok, _ = ensemble_embeddings([trained, other], frames, [], [1.0, 3.0])
-    _, alone, _, _ = ensemble_embeddings([other], frames, [])
+    _, emb, ok = ensemble_embeddings([trained, other], frames, [], [1.0, 3.0])
+    _, alone, _ = ensemble_embeddings([other], frames, [])
     assert emb["g"].shape == (6, 32 + 16) and ok["g"].all()
     assert np.allclose(np.linalg.norm(emb["g"], axis=1), 1, atol=1e-5)
     # the second run's part carries weight 3 of 4 of the squared norm, in its own direction
@@ -162,3 +162,16 @@ def test_policies_are_recorded_and_applied(trained, tiny_set, tmp_path, capsys):
     assert main(["evaluate", str(out), str(tiny_set / "solution.csv"), "--json"]) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= s["auc_new"] <= 1 and s["hindsight_map5"] >= s["map5"] - 1e-9
+
+
+def test_expansion_and_reranking_are_decided_on_the_holdout(tmp_path, tiny_set):
+    from tests.conftest import TINY
+
+    run = tmp_path / "qe"
+    assert main(["train", "--out", str(run), f"data.root={tiny_set}", *TINY, "train.epochs=1",
+                 "predict.query_expansion=3", "predict.rerank=true"]) == 0
+    tuned = json.loads((run / "threshold.json").read_text())
+    assert isinstance(tuned["query_expansion_helps"], bool) and isinstance(tuned["rerank_helps"], bool)
+    out = tmp_path / "s.csv"
+    assert main(["predict", "--run", str(run), "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) == len(pd.read_csv(tiny_set / "sample_submission.csv"))
