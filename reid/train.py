@@ -304,22 +304,29 @@ class Trainer:
         while self.epoch < cfg.train.epochs and not self.out_of_time():
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             self.epoch += 1
-            if self.epoch % cfg.train.val_every == 0 or self.epoch == cfg.train.epochs or self.out_of_time():
-                row.update(self.validate())
-            tuned = row.pop("_tuned", None)
-            self.history.append(row)
-            log.info("epoch %d: %s", self.epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-            if tuned and row["val_map5"] > self.best:
-                self.best = row["val_map5"]
-                self._save_best(tuned)
-            save_checkpoint(self.out / "last.pt", self.state())
-            write_csv(self.out / "metrics.csv", pd.DataFrame(self.history))
-            from .report import plot_metrics
-
-            plot_metrics(self.history, self.out / "metrics.png")
+            due = self.epoch % cfg.train.val_every == 0 or self.epoch == cfg.train.epochs or self.out_of_time()
+            self._end_epoch(row, due)
+        if self.history and "val_map5" not in self.history[-1] and self.df.is_val.any():
+            self._end_epoch(self.history.pop(), True)  # time ran out between epochs: validate the last one
         if self.best < 0:  # no validation set: the last weights are the best we know
             self._save_best({"threshold": 0.5, "map5": float("nan"), "grid": [], "curve": [], "map5_similarity": 0.0,
                              "map5_share": 0.0, "map5_species": 0.0})
+
+    def _end_epoch(self, row: dict, validate: bool) -> None:
+        """Validate if due, keep the best, then write last.pt, the metrics and their plot."""
+        if validate:
+            row.update(self.validate())
+        tuned = row.pop("_tuned", None)
+        self.history.append(row)
+        log.info("epoch %d: %s", row["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        if tuned and row["val_map5"] > self.best:
+            self.best = row["val_map5"]
+            self._save_best(tuned)
+        save_checkpoint(self.out / "last.pt", self.state())
+        write_csv(self.out / "metrics.csv", pd.DataFrame(self.history))
+        from .report import plot_metrics
+
+        plot_metrics(self.history, self.out / "metrics.png")
 
     def _save_best(self, tuned: dict) -> None:
         save_checkpoint(self.out / "best.pt", {"model": self.eval_model.state_dict(), "epoch": self.epoch,
