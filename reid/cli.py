@@ -24,7 +24,6 @@ def _config(args):
 
 
 def _train(args) -> None:
-    from .config import load_config
     from .train import RunError, train
 
     out = Path(args.out)
@@ -32,7 +31,7 @@ def _train(args) -> None:
         raise RunError(f"--resume: {out}/last.pt does not exist; nothing to resume")
     if args.resume and args.config is None:  # continue with the run's own config
         args.config = out / "config.yaml"
-    cfg = _config(args) if args.config else load_config(None, args.overrides)
+    cfg = _config(args)  # --data applies with or without --config
     train(cfg, out, resume=args.resume, force=args.force)
 
 

@@ -9,7 +9,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+Image.MAX_IMAGE_PIXELS = None  # PIL only reads headers here (and decodes what OpenCV cannot); no bomb limit needed
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +220,6 @@ def _looks_truncated(path: Path) -> bool:
         f.seek(max(0, path.stat().st_size - 64))
         if b"\xff\xd9" in f.read():
             return False
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -229,11 +230,10 @@ def _looks_truncated(path: Path) -> bool:
 
 def original_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), read from the header only."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if not path.is_file() or path.stat().st_size == 0:
         raise BadImage(f"{path}: missing or empty file")
-    Image.MAX_IMAGE_PIXELS = None  # PIL only reads the header here; OpenCV decodes at reduced scale
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -264,7 +264,7 @@ def decode(path: str | Path, reduce: int = 1) -> np.ndarray:
 
 def _decode_pil(path: Path, reduce: int) -> np.ndarray:
     """Fallback for what OpenCV cannot read; returns BGR like cv2.imread."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:

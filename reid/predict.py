@@ -47,9 +47,9 @@ def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overr
 def predict(runs: list[Path], data: Path | None = None, out: Path | None = None, overrides: list[str] = (),
             force: bool = False, weights: list[float] | None = None) -> Path:
     """Write a submission for the test photos of `data` (default: the run's data folder)."""
-    cfg = load_config(runs[0] / "config.yaml", overrides) if (runs[0] / "config.yaml").is_file() else None
-    if cfg is None:
+    if not (runs[0] / "config.yaml").is_file():
         raise RunError(f"{runs[0]} is not a reid run: config.yaml is missing")
+    cfg = load_config(runs[0] / "config.yaml", overrides)
     root = Path(data or cfg.data.root)
     out = out or runs[0] / "submission.csv"
     if out.exists() and not force:

@@ -175,3 +175,11 @@ def test_expansion_and_reranking_are_decided_on_the_holdout(tmp_path, tiny_set):
     out = tmp_path / "s.csv"
     assert main(["predict", "--run", str(run), "--out", str(out)]) == 0
     assert len(pd.read_csv(out)) == len(pd.read_csv(tiny_set / "sample_submission.csv"))
+
+
+def test_data_flag_applies_without_a_config_file(tmp_path, tiny_set):
+    from tests.conftest import TINY
+
+    run = tmp_path / "r"
+    assert main(["train", "--out", str(run), "--data", str(tiny_set), *TINY, "train.epochs=1"]) == 0
+    assert f"root: {tiny_set}" in (run / "config.yaml").read_text()
