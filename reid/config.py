@@ -63,7 +63,8 @@ class ModelConfig:
     pooling: str = "gem"  # gem | avg
     gem_p: float = 3.0
     embedding_dim: int = 512
-    drop_rate: float = 0.0
+    drop_rate: float = 0.0  # dropout before the embedding layer
+    drop_path_rate: float = 0.0  # stochastic depth: chance of skipping a residual block in training (timm)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     schedule: str = "cosine"  # cosine | step
     amp: bool = True  # mixed precision, GPU only
-    channels_last: bool = True  # GPU only
+    channels_last: bool = True  # memory layout of model and batches: faster on GPU and on CPU (make bench)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     val_every: int = 1
@@ -150,6 +151,7 @@ RANGES = {  # inclusive bounds
     "split.folds": (2, 100), "split.fold": (0, 99), "aug.hflip": (0.0, 1.0), "aug.color": (0.0, 1.0),
     "aug.affine": (0.0, 1.0), "aug.erasing": (0.0, 1.0), "aug.mixup": (0.0, 100.0), "aug.cutmix": (0.0, 100.0),
     "model.gem_p": (1.0, 20.0), "model.embedding_dim": (2, 65536), "model.drop_rate": (0.0, 1.0),
+    "model.drop_path_rate": (0.0, 1.0),
     "loss.scale": (1.0, 1000.0), "loss.margin": (0.0, 1.5), "loss.sub_centers": (1, 100),
     "loss.label_smoothing": (0.0, 0.99), "loss.head_lr_mult": (0.0, 1e4), "loss.species_weight": (0.0, 100.0),
     "train.epochs": (1, 100000), "train.batch_size": (2, 65536), "train.lr": (0.0, 10.0),

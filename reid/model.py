@@ -43,7 +43,8 @@ def create_backbone(cfg) -> nn.Module:
     """timm feature extractor at `cfg.out_indices`: random, from the hub (`pretrained`) or a local file (`weights`)."""
     import timm
 
-    kwargs = {"features_only": True, "out_indices": tuple(cfg.out_indices), "drop_rate": cfg.drop_rate}
+    kwargs = {"features_only": True, "out_indices": tuple(cfg.out_indices), "drop_rate": cfg.drop_rate,
+              "drop_path_rate": cfg.drop_path_rate}
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
         if not path.is_file():

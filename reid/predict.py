@@ -14,7 +14,7 @@ from .cache import from_config as cache_from_config
 from .config import Config, load_config
 from .data import list_test, read_boxes, read_train
 from .files import write_csv
-from .inference import embed_frame, resolve_device
+from .inference import embed_frame, memory_format, resolve_device
 from .submission import write_submission
 from .train import RunError, load_run
 
@@ -33,7 +33,7 @@ def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overr
             cfg.data.root = str(data)
         first = first or cfg
         device = resolve_device(cfg.train.device)
-        model.to(device)
+        model.to(device, memory_format=memory_format(cfg))
         boxes = read_boxes(Path(cfg.data.root), cfg.data.crops)
         for name, df in frames.items():
             emb, good = embed_frame(model, df, cfg, boxes, device, cache_from_config(cfg), f"{run.name}:{name}",

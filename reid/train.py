@@ -19,7 +19,7 @@ from .cache import from_config as cache_from_config
 from .config import Config, dump_config, load_config, to_dict
 from .data import SeededSampler, read_boxes, read_train, split_mask
 from .files import load_checkpoint, save_checkpoint, write_csv, write_json, write_text
-from .inference import amp_dtype, autocast, embed_frame, make_loader, photo_dataset, resolve_device
+from .inference import amp_dtype, autocast, embed_frame, make_loader, memory_format, photo_dataset, resolve_device
 from .model import ReidNet, build_head, distill_loss, head_loss, lr_lambda, pair_loss, param_groups, zero_init_last
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ class Trainer:
         self.model = ReidNet(cfg.model, len(self.species) if cfg.loss.species_weight else 0)
         if cfg.train.zero_init_last:
             log.info("zero-initialised the last norm of %d residual blocks", zero_init_last(self.model))
-        self.model.to(self.device)
-        if self.device.type == "cuda" and cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.to(self.device, memory_format=memory_format(cfg))
         counts = self.train_df.label.value_counts().reindex(range(len(self.classes)), fill_value=1).to_numpy()
         self.head = build_head(cfg.loss, len(self.classes), cfg.model.embedding_dim, counts).to(self.device)
         self.pairs = pair_loss(cfg.loss)
@@ -131,7 +129,7 @@ class Trainer:
         _, teacher, _ = load_run(Path(self.cfg.train.teacher))
         log.info("distilling from the teacher run %s (weight %g, temperature %g)", self.cfg.train.teacher,
                  self.cfg.train.distill_weight, self.cfg.train.distill_temperature)
-        return teacher.to(self.device).eval().requires_grad_(False)
+        return teacher.to(self.device, memory_format=memory_format(self.cfg)).eval().requires_grad_(False)
 
     def _ema(self):
         if not self.cfg.train.ema:
@@ -241,8 +239,7 @@ class Trainer:
         x = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device)
         x = self._rescale(x, gen)
-        if self.device.type == "cuda" and self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=memory_format(self.cfg))
         x, parts = self._mix(x, gen)
         with autocast(self.device, self.dtype):
             emb = self.model(x)

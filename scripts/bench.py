@@ -1,6 +1,6 @@
 """Benchmarks, each against the plain alternative run side by side in this process. Writes bench/results.json.
 
-    python scripts/bench.py [--only data,loader,search,hnsw] [--quick]
+    python scripts/bench.py [--only data,loader,layout,search,hnsw,gpu] [--quick]
 """
 
 from __future__ import annotations
@@ -175,6 +175,46 @@ def bench_hnsw(n_gallery: int, n_query: int = 2000, dim: int = 512, k: int = 5) 
     record("hnsw_1m_build", t_build, "s", "")
 
 
+def bench_layout(repeats: int, batch: int = 32) -> None:
+    """The demo model on this CPU: a training step and an embedding pass, NCHW against channels-last (interleaved
+    repeats, medians), as train and predict run them."""
+    import torch
+
+    from reid.config import load_config
+    from reid.model import ReidNet
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [])
+    model = ReidNet(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size)
+
+    def train_step(xs):
+        opt.zero_grad(set_to_none=True)
+        model.train()(xs).square().mean().backward()
+        opt.step()
+
+    def embed_step(xs):
+        with torch.no_grad():
+            model.eval()(xs)
+
+    print(f"layout: {cfg.model.backbone} at {cfg.data.image_size} px, batch {batch}, {torch.get_num_threads()} threads")
+    for what, fn in (("train_step", train_step), ("embed", embed_step)):
+        times = {"nchw": [], "channels_last": []}
+        for _ in range(repeats):
+            for name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+                model.to(memory_format=layout)
+                xs = x.contiguous(memory_format=layout)
+                fn(xs)  # the first call after a layout change picks its kernels
+                start = time.perf_counter()
+                for _ in range(3):
+                    fn(xs)
+                times[name].append((time.perf_counter() - start) / 3)
+        med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
+        record(f"cpu_{what}_nchw", med["nchw"], "ms", "")
+        record(f"cpu_{what}_channels_last", med["channels_last"], "ms", "nchw")
+        record(f"cpu_{what}_speedup_channels_last", med["nchw"] / med["channels_last"], "x", "nchw")
+
+
 def bench_gpu(steps: int, backbone: str = "tf_efficientnet_b6", size: int = 512, batch: int = 32,
               classes: int = 15_587) -> None:
     """A real-size training step on the GPU: fp32 against bf16 autocast + channels-last, same model and batch."""
@@ -218,7 +258,7 @@ def bench_gpu(steps: int, backbone: str = "tf_efficientnet_b6", size: int = 512,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="data,loader,search,hnsw,gpu")
+    parser.add_argument("--only", default="data,loader,layout,search,hnsw,gpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -228,6 +268,8 @@ def main() -> None:
         bench_data(4 if q else 12)
     if "loader" in parts:
         bench_loader(5 if q else 30)
+    if "layout" in parts:
+        bench_layout(2 if q else 7)
     if "search" in parts:
         bench_search(*((5000, 2000) if q else (51_033, 27_956)))
     if "hnsw" in parts:

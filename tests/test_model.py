@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,33 @@ def test_local_weight_file_is_loaded(tmp_path):
 def test_unknown_backbone_names_the_key():
     with pytest.raises(ModelError, match="model.backbone"):
         ReidNet(load_config(None, ["model.backbone=efficientnet_b99"]).model)
+
+
+def test_stochastic_depth_switch_skips_blocks_in_training_only():
+    cfg = load_config(None, ["model.backbone=tinynet_e", "model.drop_path_rate=0.5", "model.embedding_dim=8"])
+    model = ReidNet(cfg.model)  # tinynet_e: test_efficientnet has no residual blocks to skip
+    assert max(m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath") > 0
+    x = torch.rand(4, 3, 64, 64)
+    torch.manual_seed(0)
+    a, b = model(x), model(x)
+    assert not torch.allclose(a, b)  # blocks dropped at random in training
+    model.eval()
+    assert torch.allclose(model(x), model(x))
+    plain = ReidNet(load_config(None, ["model.backbone=tinynet_e"]).model)
+    assert not any(type(m).__name__ == "DropPath" and m.drop_prob > 0 for m in plain.modules())
+
+
+def test_channels_last_layout_embeds_the_same_photos_alike():
+    from reid.inference import embed, memory_format
+
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.embedding_dim=8"])
+    assert memory_format(cfg) == torch.channels_last  # the default, on CPU too
+    assert memory_format(load_config(None, ["train.channels_last=false"])) == torch.contiguous_format
+    model = ReidNet(cfg.model).eval()
+    batches = [{"images": torch.rand(3, 3, 64, 64), "indices": torch.arange(3)}]
+    plain, ok = embed(model, batches, torch.device("cpu"))
+    model.to(memory_format=torch.channels_last)
+    assert model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    fast, _ = embed(model, batches, torch.device("cpu"), layout=torch.channels_last)
+    assert ok.all() and fast.shape == (3, 8)
+    np.testing.assert_allclose(fast, plain, atol=1e-4)
