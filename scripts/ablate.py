@@ -2,15 +2,18 @@
 on the synthetic set, with two seeds. Results go to docs/ablation.csv (one row per run, so an interrupted ablation
 resumes) and docs/ablation.md (the table).
 
-    python scripts/ablate.py [--minutes 1.0] [--seeds 0 1] [--data data/synth] [--only NAME ...]
+    python scripts/ablate.py [--minutes 1.0 | --epochs N] [--seeds 0 1] [--only NAME ...] [--variants FILE]
+                             [--parallel P] [--data data/synth] [--results DIR] [--extra KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
@@ -41,12 +44,12 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
 }
 
 
-def run_one(name: str, overrides: list[str], seed: int, minutes: float, data: Path, out: Path,
+def run_one(name: str, overrides: list[str], seed: int, budget: list[str], data: Path, out: Path,
             extra: list[str] = ()) -> dict:
     run = out / f"{abs(hash((name, seed))) % 10**8:08d}"
     cmd = [sys.executable, "-m", "reid.cli", "train", "--config", str(ROOT / "configs/demo.yaml"), "--data",
-           str(data), "--out", str(run), "--force", f"train.seed={seed}", f"split.seed={0}", "train.epochs=1000",
-           "train.val_every=1000", f"train.time_budget_min={minutes}", *extra, *overrides]
+           str(data), "--out", str(run), "--force", f"train.seed={seed}", f"split.seed={0}", "train.val_every=1000",
+           *budget, *extra, *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -66,7 +69,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores{gpu}"
 
 
-def table(df: pd.DataFrame, minutes: float) -> str:
+def table(df: pd.DataFrame, how: str, command: str) -> str:
     ok = df[df.error.fillna("") == ""]
     g = ok.groupby("recipe", sort=False)
     rows = ["| recipe | overrides | val MAP@5 (mean ± spread) | known | new | epochs | wall s |",
@@ -79,43 +82,68 @@ def table(df: pd.DataFrame, minutes: float) -> str:
                     f"{r.val_map5_new.mean():.4f} | {r.epochs.mean():.1f} | {r.wall_s.mean():.0f} |")
     for _, r in df[df.error.fillna("") != ""].iterrows():
         rows.append(f"| {r.recipe} (seed {r.seed}) | failed: {r.error} | | | | | |")
-    head = (f"# Recipe ablation\n\nEach recipe trained for {minutes:g} min of wall time on {machine()} from "
-            f"scratch (`python scripts/ablate.py --minutes {minutes:g}`), seeds {sorted(ok.seed.unique().tolist())}; "
+    head = (f"# Recipe ablation\n\nEach recipe trained for {how} on {machine()} from "
+            f"scratch (`{command}`), seeds {sorted(ok.seed.unique().tolist())}; "
             "validation MAP@5 on the holdout (25 % of its photos new individuals, threshold tuned on it, the same "
             "for every recipe). Spread is half the range over seeds.\n\n")
     return head + "\n".join(rows) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=1.0)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--data", type=Path, default=ROOT / "data/synth")
-    p.add_argument("--only", nargs="*", default=None, help="recipe names (prefix match)")
-    p.add_argument("--results", type=Path, default=ROOT / "docs", help="where ablation.csv and ablation.md go")
-    p.add_argument("--extra", nargs="*", default=[], help="key=value overrides for every recipe (e.g. workers)")
-    args = p.parse_args()
-    if not (args.data / "train.csv").exists():
-        subprocess.run([sys.executable, "-m", "reid.cli", "synth", str(args.data)], cwd=ROOT, check=True)
-    csv, md, out = args.results / "ablation.csv", args.results / "ablation.md", ROOT / "runs/ablation"
-    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["recipe", "seed", "error"])
-    for name, overrides in RECIPES.items():
+def budget(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Overrides that bound each run, and those words for the table."""
+    if args.epochs:
+        return [f"train.epochs={args.epochs}"], f"{args.epochs} epoch{'s' * (args.epochs != 1)}"
+    return ["train.epochs=1000", f"train.time_budget_min={args.minutes}"], f"{args.minutes:g} min of wall time"
+
+
+def pending(args: argparse.Namespace, recipes: dict, done: pd.DataFrame) -> list[tuple[str, list[str], int]]:
+    """(recipe, overrides, seed) still to run: chosen by --only, not already in the results."""
+    jobs = []
+    for name, overrides in recipes.items():
         if args.only and not any(name.startswith(o) for o in args.only):
             continue
         if "teacher" in " ".join(overrides) and not (ROOT / "runs/demo/best.pt").exists():
             print(f"skipping '{name}': run `make demo` first for the teacher")
             continue
-        for seed in args.seeds:
-            if ((done.recipe == name) & (done.seed == seed) & (done.error.fillna("") == "")).any():
-                continue
-            row = run_one(name, overrides, seed, args.minutes, args.data, out, args.extra)
-            print(row, flush=True)
-            done = pd.concat([done[~((done.recipe == name) & (done.seed == seed))], pd.DataFrame([row])])
-            sys.path.insert(0, str(ROOT))
-            from reid.files import write_csv, write_text
+        ran = (done.recipe == name) & (done.error.fillna("") == "")
+        jobs += [(name, overrides, seed) for seed in args.seeds if not (ran & (done.seed == seed)).any()]
+    return jobs
 
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=0, help="a fixed number of epochs instead of --minutes")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (a many-core GPU machine)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--data", type=Path, default=ROOT / "data/synth")
+    p.add_argument("--only", nargs="*", default=None, help="recipe names (prefix match)")
+    p.add_argument("--variants", type=Path, help="JSON {name: [overrides]}: more recipes beside the built-in ones")
+    p.add_argument("--results", type=Path, default=ROOT / "docs", help="where ablation.csv and ablation.md go")
+    p.add_argument("--extra", nargs="*", default=[], help="key=value overrides for every recipe (e.g. workers)")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from reid.files import write_csv, write_text
+
+    if not (args.data / "train.csv").exists():
+        subprocess.run([sys.executable, "-m", "reid.cli", "synth", str(args.data)], cwd=ROOT, check=True)
+    recipes = {**RECIPES, **(json.loads(args.variants.read_text()) if args.variants else {})}
+    csv, md, out = args.results / "ablation.csv", args.results / "ablation.md", ROOT / "runs/ablation"
+    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["recipe", "seed", "error"])
+    bound, how = budget(args)
+    order = {name: i for i, name in enumerate(recipes)}  # the table lists plain and default first
+    with ThreadPoolExecutor(args.parallel) as pool:
+        futures = [pool.submit(run_one, name, overrides, seed, bound, args.data, out, args.extra)
+                   for name, overrides, seed in pending(args, recipes, done)]
+        for future in as_completed(futures):  # each finished run is saved at once: an interrupted ablation resumes
+            row = future.result()
+            print(row, flush=True)
+            same = (done.recipe == row["recipe"]) & (done.seed == row["seed"])
+            done = pd.concat([done[~same], pd.DataFrame([row])])
+            done = done.sort_values("recipe", key=lambda names: names.map(lambda n: order.get(n, len(order))),
+                                    kind="stable")
             write_csv(csv, done)
-            write_text(md, table(done, args.minutes))
+            write_text(md, table(done, how, "python scripts/ablate.py " + " ".join(sys.argv[1:])))
     print(f"wrote {md}")
 
 
