@@ -129,7 +129,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "reid.cli", "synth", str(args.data)], cwd=ROOT, check=True)
     recipes = {**RECIPES, **(json.loads(args.variants.read_text()) if args.variants else {})}
     csv, md, out = args.results / "ablation.csv", args.results / "ablation.md", ROOT / "runs/ablation"
-    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["recipe", "seed", "error"])
+    columns = {"recipe": str, "seed": int, "error": str, "overrides": str}
+    done = (pd.read_csv(csv, dtype=columns).fillna({"error": "", "overrides": ""}) if csv.exists()
+            else pd.DataFrame(columns=list(columns)))
     bound, how = budget(args)
     order = {name: i for i, name in enumerate(recipes)}  # the table lists plain and default first
     with ThreadPoolExecutor(args.parallel) as pool:
