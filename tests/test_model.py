@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from timm.layers import DropPath
 
 from reid.config import load_config
 from reid.model import GeM, ModelError, ReidNet, build_head, param_groups
@@ -90,7 +91,7 @@ def test_unknown_backbone_names_the_key():
 def test_stochastic_depth_switch_skips_blocks_in_training_only():
     cfg = load_config(None, ["model.backbone=tinynet_e", "model.drop_path_rate=0.5", "model.embedding_dim=8"])
     model = ReidNet(cfg.model)  # tinynet_e: test_efficientnet has no residual blocks to skip
-    assert max(m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath") > 0
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) > 0
     x = torch.rand(4, 3, 64, 64)
     torch.manual_seed(0)
     a, b = model(x), model(x)
@@ -98,7 +99,7 @@ def test_stochastic_depth_switch_skips_blocks_in_training_only():
     model.eval()
     assert torch.allclose(model(x), model(x))
     plain = ReidNet(load_config(None, ["model.backbone=tinynet_e"]).model)
-    assert not any(type(m).__name__ == "DropPath" and m.drop_prob > 0 for m in plain.modules())
+    assert not any(isinstance(m, DropPath) and m.drop_prob > 0 for m in plain.modules())
 
 
 def test_channels_last_layout_embeds_the_same_photos_alike():
