@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -39,14 +41,54 @@ def per_photo(fn, paths: list[Path], repeats: int = 3) -> float:
     return float(np.median(times))
 
 
+def full_decode_resize(path: Path, size: int) -> np.ndarray:
+    """The plain way: decode every pixel, then resize."""
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def reduced_decode(path: Path, size: int) -> np.ndarray:
+    from reid.data import load_photo
+
+    return load_photo(path, size)[0]
+
+
+def from_cache(path: Path, cache) -> np.ndarray:
+    return cache.load(path, path.name, 0, 0.0, None)
+
+
+def load_only(path: Path, fn) -> None:
+    """Load and drop: a DataLoader worker hands its batch over in shared memory, so piping each image back to
+    the parent would time the pipe, not the loading."""
+    fn(path)
+
+
+def per_photo_workers(fn, paths: list[Path], workers: int, repeats: int = 3) -> float:
+    """Median over repeats of wall seconds per photo when `workers` processes load photos side by side, one
+    photo at a time each, as DataLoader workers do (one per core)."""
+    from multiprocessing import get_context
+
+    fn = partial(load_only, fn=fn)
+    with get_context("spawn").Pool(workers) as pool:
+        pool.map(fn, paths[:workers], chunksize=1)  # start-up and imports are not load time
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pool.map(fn, paths, chunksize=1)
+            times.append((time.perf_counter() - start) / len(paths))
+    return float(np.median(times))
+
+
 def bench_data(n: int, size: int = 512, qualities: tuple[int, ...] = (75, 85, 95)) -> None:
     """3000x2000 JPEGs to 512 px: full decode + resize, against reduced decoding, against the prepared cache.
 
     Repeated at several JPEG qualities because the gain depends on the bits per pixel: 1/4-scale decoding skips
     the inverse DCT, the colour conversion and the large resize, but not the entropy decoding of the whole file,
-    whose cost grows with the file size. The 1/8-scale decode is printed as that floor."""
+    whose cost grows with the file size. The 1/8-scale decode is printed as that floor.
+
+    Measured twice: one photo after another in this process (OpenCV may spread a large resize over the cores), and
+    in one worker process per core, each loading its own photos, as the training loader does."""
     from reid.cache import PhotoCache, items_for, prepare
-    from reid.data import load_photo
     from reid.synth import SPECIES, make_individual, render_photo
 
     print(f"data path: {n} photos of 3000x2000 px to {size} px, JPEG quality {qualities}")
@@ -57,20 +99,19 @@ def bench_data(n: int, size: int = 512, qualities: tuple[int, ...] = (75, 85, 95
         img = cv2.resize(img, (3000, 2000), interpolation=cv2.INTER_CUBIC)
         photos.append(np.clip(img + np.random.default_rng(i).normal(0, 4, img.shape), 0, 255).astype(np.uint8))
 
-    def plain(p):
-        return cv2.resize(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), (size, size),
-                          interpolation=cv2.INTER_AREA)
-
+    workers = os.cpu_count() or 1
     for q in qualities:
         paths = [tmp / f"q{q}_{i}.jpg" for i in range(n)]
         for path, img in zip(paths, photos, strict=True):
             cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, q])
         cache = PhotoCache(tmp / f"cache{q}", size, 0.0)
         prepare(cache, items_for([str(p) for p in paths], [p.name for p in paths], []), n_jobs=1)
-        t_plain = per_photo(plain, paths)
-        t_ours = per_photo(lambda p: load_photo(p, size), paths)
+        plain, ours, cached = (partial(full_decode_resize, size=size), partial(reduced_decode, size=size),
+                               partial(from_cache, cache=cache))
+        t_plain, t_ours = per_photo(plain, paths), per_photo(ours, paths)
         t_floor = per_photo(lambda p: cv2.imread(str(p), cv2.IMREAD_REDUCED_COLOR_8), paths)
-        t_cache = per_photo(lambda p, c=cache: c.load(p, p.name, 0, 0.0, None), paths)
+        t_cache = per_photo(cached, paths)
+        w_plain, w_ours, w_cache = (per_photo_workers(f, paths * 4, workers) for f in (plain, ours, cached))
         bpp = np.mean([p.stat().st_size * 8 / 6e6 for p in paths])
         record(f"jpeg_q{q}_bits_per_pixel", bpp, "bit/px", "", "mean file size of the photos")
         record(f"load_3000x2000_q{q}_full_decode_resize", t_plain * 1e3, "ms/photo", "", "cv2.imread + cv2.resize")
@@ -79,6 +120,12 @@ def bench_data(n: int, size: int = 512, qualities: tuple[int, ...] = (75, 85, 95
         record(f"load_3000x2000_q{q}_from_cache", t_cache * 1e3, "ms/photo", "full decode")
         record(f"speedup_q{q}_reduced_decode", t_plain / t_ours, "x", "full decode + resize")
         record(f"speedup_q{q}_cache", t_plain / t_cache, "x", "full decode + resize")
+        note = f"{workers} worker processes, one per core"
+        record(f"loader_3000x2000_q{q}_full_decode_resize", w_plain * 1e3, "ms/photo", "", note)
+        record(f"loader_3000x2000_q{q}_reduced_decode", w_ours * 1e3, "ms/photo", "full decode", note)
+        record(f"loader_3000x2000_q{q}_from_cache", w_cache * 1e3, "ms/photo", "full decode", note)
+        record(f"loader_speedup_q{q}_reduced_decode", w_plain / w_ours, "x", "full decode + resize", note)
+        record(f"loader_speedup_q{q}_cache", w_plain / w_cache, "x", "full decode + resize", note)
 
 
 def bench_loader(steps: int) -> None:
