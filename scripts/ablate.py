@@ -9,6 +9,7 @@ resumes) and docs/ablation.md (the table).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,7 +47,9 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
 
 def run_one(name: str, overrides: list[str], seed: int, budget: list[str], data: Path, out: Path,
             extra: list[str] = ()) -> dict:
-    run = out / f"{abs(hash((name, seed))) % 10**8:08d}"
+    # the same recipe, seed and budget reuse one folder (--force replaces it): runs don't pile up on the disk
+    key = json.dumps([name, list(overrides), seed, budget, list(extra)]).encode()
+    run = out / hashlib.sha1(key).hexdigest()[:10]
     cmd = [sys.executable, "-m", "reid.cli", "train", "--config", str(ROOT / "configs/demo.yaml"), "--data",
            str(data), "--out", str(run), "--force", f"train.seed={seed}", f"split.seed={0}", "train.val_every=1000",
            *budget, *extra, *overrides]

@@ -71,12 +71,7 @@ def per_photo_workers(fn, paths: list[Path], workers: int, repeats: int = 3) -> 
     fn = partial(load_only, fn=fn)
     with get_context("spawn").Pool(workers) as pool:
         pool.map(fn, paths[:workers], chunksize=1)  # start-up and imports are not load time
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            pool.map(fn, paths, chunksize=1)
-            times.append((time.perf_counter() - start) / len(paths))
-    return float(np.median(times))
+        return per_photo(lambda chunk: pool.map(fn, chunk, chunksize=1), [paths], repeats) / len(paths)
 
 
 def bench_data(n: int, size: int = 512, qualities: tuple[int, ...] = (75, 85, 95)) -> None:
