@@ -90,7 +90,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     schedule: str = "cosine"  # cosine | step
-    amp: bool = True  # mixed precision, GPU only
+    amp: bool = True  # mixed precision, GPU only: bf16 autocast slows a CPU training step (make bench, layout)
     channels_last: bool = True  # memory layout of model and batches: faster on GPU and on CPU (make bench)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0

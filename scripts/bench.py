@@ -218,8 +218,8 @@ def bench_hnsw(n_gallery: int, n_query: int = 2000, dim: int = 512, k: int = 5) 
 
 
 def bench_layout(repeats: int, batch: int = 32) -> None:
-    """The demo model on this CPU: a training step and an embedding pass, NCHW against channels-last (interleaved
-    repeats, medians), as train and predict run them."""
+    """The demo model on this CPU: a training step and an embedding pass in NCHW, channels-last, and channels-last
+    under bf16 autocast (interleaved repeats, medians), as train and predict run them."""
     import torch
 
     from reid.config import load_config
@@ -229,32 +229,39 @@ def bench_layout(repeats: int, batch: int = 32) -> None:
     model = ReidNet(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size)
+    modes = {"nchw": (torch.contiguous_format, False), "channels_last": (torch.channels_last, False),
+             "channels_last_bf16": (torch.channels_last, True)}
 
-    def train_step(xs):
+    def train_step(xs, bf16):
         opt.zero_grad(set_to_none=True)
-        model.train()(xs).square().mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.train()(xs).float().square().mean()
+        loss.backward()
         opt.step()
 
-    def embed_step(xs):
-        with torch.no_grad():
+    def embed_step(xs, bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model.eval()(xs)
 
     print(f"layout: {cfg.model.backbone} at {cfg.data.image_size} px, batch {batch}, {torch.get_num_threads()} threads")
     for what, fn in (("train_step", train_step), ("embed", embed_step)):
-        times = {"nchw": [], "channels_last": []}
+        times = {name: [] for name in modes}
         for _ in range(repeats):
-            for name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            for name, (layout, bf16) in modes.items():
                 model.to(memory_format=layout)
                 xs = x.contiguous(memory_format=layout)
-                fn(xs)  # the first call after a layout change picks its kernels
+                fn(xs, bf16)  # the first call after a change picks its kernels
                 start = time.perf_counter()
                 for _ in range(3):
-                    fn(xs)
+                    fn(xs, bf16)
                 times[name].append((time.perf_counter() - start) / 3)
         med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
         record(f"cpu_{what}_nchw", med["nchw"], "ms", "")
         record(f"cpu_{what}_channels_last", med["channels_last"], "ms", "nchw")
         record(f"cpu_{what}_speedup_channels_last", med["nchw"] / med["channels_last"], "x", "nchw")
+        # why train.amp stays GPU-only: bf16 autocast measured against fp32 on this CPU
+        record(f"cpu_{what}_channels_last_bf16", med["channels_last_bf16"], "ms", "channels_last")
+        record(f"cpu_{what}_speedup_bf16", med["channels_last"] / med["channels_last_bf16"], "x", "channels_last")
 
 
 def bench_gpu(steps: int, backbone: str = "tf_efficientnet_b6", size: int = 512, batch: int = 32,
