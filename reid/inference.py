@@ -55,7 +55,7 @@ def make_loader(dataset, cfg, device: torch.device, batch_size: int, sampler=Non
 
 def memory_format(cfg) -> torch.memory_format:
     """Channels-last unless switched off: faster convolutions with cuDNN on GPU and with oneDNN on CPU (`make bench`,
-    layout: a demo training step 1.25x, an embedding pass 1.33x on 2 cores). Model and batches must agree."""
+    layout, measures by how much). Model and batches must agree."""
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
