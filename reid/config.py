@@ -52,6 +52,7 @@ class AugConfig:
     ricap: float = 0.0  # Beta(a, a) parameter of RICAP's four-photo patchwork; 0 turns it off
     randaugment: int = 0  # operations drawn per photo from a RandAugment-style policy; 0 turns it off
     multiscale: list[float] = field(default_factory=list)  # scales of image_size drawn per batch, e.g. [0.75, 1.25]
+    progressive: float = 0.0  # >0: progressive resizing, the batch side grows from this share of image_size to all
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ModelConfig:
     embedding_dim: int = 512
     drop_rate: float = 0.0  # dropout before the embedding layer
     drop_path_rate: float = 0.0  # stochastic depth: chance of skipping a residual block in training (timm)
+    level_norm: bool = False  # BatchNorm on each pooled level before concatenation: levels weigh the same at start
 
 
 @dataclass
@@ -151,7 +153,7 @@ RANGES = {  # inclusive bounds
     "split.folds": (2, 100), "split.fold": (0, 99), "aug.hflip": (0.0, 1.0), "aug.color": (0.0, 1.0),
     "aug.affine": (0.0, 1.0), "aug.erasing": (0.0, 1.0), "aug.mixup": (0.0, 100.0), "aug.cutmix": (0.0, 100.0),
     "model.gem_p": (1.0, 20.0), "model.embedding_dim": (2, 65536), "model.drop_rate": (0.0, 1.0),
-    "model.drop_path_rate": (0.0, 1.0),
+    "model.drop_path_rate": (0.0, 1.0), "aug.progressive": (0.0, 1.0),
     "loss.scale": (1.0, 1000.0), "loss.margin": (0.0, 1.5), "loss.sub_centers": (1, 100),
     "loss.label_smoothing": (0.0, 0.99), "loss.head_lr_mult": (0.0, 1e4), "loss.species_weight": (0.0, 100.0),
     "train.epochs": (1, 100000), "train.batch_size": (2, 65536), "train.lr": (0.0, 10.0),
@@ -221,6 +223,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'data.crop_probs' needs one probability per entry of 'data.crops'")
     if cfg.split.fold >= cfg.split.folds:
         raise ConfigError(f"config key 'split.fold' must be below split.folds={cfg.split.folds}")
+    if cfg.aug.progressive and cfg.aug.multiscale:
+        raise ConfigError("config keys 'aug.progressive' and 'aug.multiscale' both resize the training batches; "
+                          "turn one off")
     return cfg
 
 

@@ -83,6 +83,8 @@ class ReidNet(nn.Module):
         channels = self.backbone.feature_info.channels()
         pool = (lambda: GeM(cfg.gem_p)) if cfg.pooling == "gem" else AvgPool
         self.pools = nn.ModuleList(pool() for _ in channels)
+        # GeM outputs of deep levels are larger than those of shallow ones; a norm per level evens them out
+        self.level_norms = nn.ModuleList(nn.BatchNorm1d(c) for c in channels) if cfg.level_norm else None
         self.neck = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(sum(channels), cfg.embedding_dim),
                                   nn.BatchNorm1d(cfg.embedding_dim))
         self.neck[2].bias.requires_grad_(False)  # BNNeck: a shared offset would pull every embedding one way
@@ -90,7 +92,10 @@ class ReidNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
-        pooled = torch.cat([pool(f) for pool, f in zip(self.pools, features, strict=True)], dim=1)
+        pooled = [pool(f) for pool, f in zip(self.pools, features, strict=True)]
+        if self.level_norms is not None:
+            pooled = [norm(p) for norm, p in zip(self.level_norms, pooled, strict=True)]
+        pooled = torch.cat(pooled, dim=1)
         return self.neck(pooled.to(self.neck[1].weight.dtype))
 
 

@@ -108,7 +108,7 @@ class Trainer:
         updates = self.steps // cfg.train.accumulate
         total, warmup = cfg.train.epochs * updates, int(cfg.train.warmup_epochs * updates)
         self.budget_s, self.started = cfg.train.time_budget_min * 60, time.perf_counter()
-        progress = (lambda: min(1.0, self.elapsed() / self.budget_s)) if self.budget_s else None
+        progress = self.progress if self.budget_s else None  # the schedule follows the clock
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(total, warmup, cfg.train.schedule, progress))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -271,14 +271,18 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
+    def progress(self) -> float:
+        """The share of training done: of the wall-time budget when there is one, else of the epochs."""
+        if self.budget_s:
+            return min(1.0, self.elapsed() / self.budget_s)
+        return self.epoch / max(1, self.cfg.train.epochs)
+
     def _rescale(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Multi-scale training: the batch resized to one scale of image_size drawn per batch (multiples of 32)."""
-        scales = self.cfg.aug.multiscale
-        if not scales:
+        side = batch_side(self.cfg.aug, self.cfg.data.image_size, self.progress(), gen)
+        if side == x.shape[-1]:
             return x
-        scale = scales[int(torch.randint(len(scales), (1,), generator=gen))]
-        side = max(32, int(round(self.cfg.data.image_size * scale / 32)) * 32)
-        return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
+                                               antialias=side < x.shape[-1])
 
     def validate(self) -> dict:
         """Embed the training photos as gallery and the validation photos as queries; tune the thresholds."""
@@ -336,6 +340,19 @@ class Trainer:
         log.info("new best validation MAP@5 %.4f at epoch %d (policy %s; threshold %.3f; MAP@5 by policy: "
                  "similarity %.4f, share %.4f, species %.4f)", tuned["map5"], self.epoch, self.cfg.predict.policy,
                  tuned["threshold"], tuned["map5_similarity"], tuned["map5_share"], tuned["map5_species"])
+
+
+def batch_side(aug, image_size: int, progress: float, gen: torch.Generator) -> int:
+    """The side a training batch is resized to, a multiple of 32: progressive resizing grows it from
+    `aug.progressive` x image_size to image_size as training goes on (early epochs cost less); multi-scale
+    training draws one of `aug.multiscale` per batch; otherwise image_size."""
+    if aug.progressive:
+        scale = aug.progressive + (1.0 - aug.progressive) * progress
+    elif aug.multiscale:
+        scale = aug.multiscale[int(torch.randint(len(aug.multiscale), (1,), generator=gen))]
+    else:
+        return image_size
+    return max(32, int(round(image_size * scale / 32)) * 32)
 
 
 def cutmix(x: torch.Tensor, perm: torch.Tensor, lam: float, gen: torch.Generator) -> tuple[torch.Tensor, list]:

@@ -41,3 +41,9 @@ def test_override_syntax():
         parse_override("train.epochs")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_progressive_and_multiscale_cannot_both_resize_the_batch():
+    with pytest.raises(ConfigError, match=r"aug\.progressive.*aug\.multiscale"):
+        load_config(None, ["aug.progressive=0.5", "aug.multiscale=[0.75, 1.25]"])
+    assert load_config(None, ["aug.progressive=0.5"]).aug.progressive == 0.5

@@ -27,6 +27,21 @@ def test_multi_level_model_output_shape():
     assert model.neck[1].in_features == sum(model.backbone.feature_info.channels())
 
 
+@pytest.mark.parametrize("level_norm", [False, True])
+def test_level_norm_centres_each_pooled_level_before_concatenation(level_norm):
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1, 2, 3]",
+                             "model.embedding_dim=8", f"model.level_norm={str(level_norm).lower()}"])
+    torch.manual_seed(0)
+    model = ReidNet(cfg.model).train()
+    seen = []
+    model.neck[1].register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    model(torch.rand(16, 3, 64, 64))
+    means = seen[0].mean(0)
+    # GeM of non-negative maps is positive; a BatchNorm per level makes every channel's batch mean zero
+    assert (means.abs().max() < 1e-4) == level_norm
+    assert (len(model.level_norms) == 3) if level_norm else model.level_norms is None
+
+
 def test_arcface_margin_is_radians_in_config_and_converted():
     cfg = load_config(None, ["loss.margin=0.3", "loss.scale=15"])
     head = build_head(cfg.loss, num_classes=10, embedding_dim=8)

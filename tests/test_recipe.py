@@ -12,7 +12,7 @@ from reid.cli import main
 from reid.config import load_config
 from reid.data import SeededSampler, build_transform
 from reid.model import build_head, class_margins, distill_loss, zero_init_last
-from reid.train import cutmix, ricap
+from reid.train import batch_side, cutmix, ricap
 from tests.conftest import TINY
 
 
@@ -35,6 +35,15 @@ def test_mixing_weights_sum_to_one_and_pixels_come_from_the_batch():
         assert set(out.unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
     out, parts = ricap(x, 0.5, 0.5, gen)
     assert len(parts) == 4 and all(w == pytest.approx(0.25) for _, w in parts)
+
+
+def test_progressive_resizing_grows_the_side_and_multiscale_draws_from_its_list():
+    gen = torch.Generator().manual_seed(0)
+    grow = load_config(None, ["aug.progressive=0.5"]).aug
+    assert [batch_side(grow, 128, p, gen) for p in (0.0, 0.2, 0.5, 0.8, 1.0)] == [64, 64, 96, 128, 128]
+    multi = load_config(None, ["aug.multiscale=[0.5, 1.5]"]).aug
+    assert {batch_side(multi, 128, 0.0, gen) for _ in range(50)} == {64, 192}
+    assert batch_side(load_config(None, []).aug, 128, 0.5, gen) == 128
 
 
 def test_m_per_class_sampler_gives_runs_of_one_individual():
@@ -76,6 +85,7 @@ def test_randaugment_policy_changes_photos_reproducibly():
 
 @pytest.mark.parametrize("switches", [
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
+    ["aug.progressive=0.5", "model.level_norm=true"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
      "loss.pair_weight=0.5", "train.m_per_class=4"],
     ["train.optimizer=sgd", "train.lr_reference_batch=64", "train.zero_init_last=true", "train.ema=0.9",
