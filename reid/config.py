@@ -66,6 +66,7 @@ class ModelConfig:
     embedding_dim: int = 512
     drop_rate: float = 0.0  # dropout before the embedding layer
     drop_path_rate: float = 0.0  # stochastic depth: chance of skipping a residual block in training (timm)
+    output_stride: int = 32  # 16 or 8: the last stages dilated instead of strided (reid's "last stride 1")
     level_norm: bool = False  # BatchNorm on each pooled level before concatenation: levels weigh the same at start
 
 
@@ -139,6 +140,7 @@ CHOICES = {
     "data.bad_images": {"error", "skip"},
     "split.kind": {"holdout", "kfold", "stratified", "group"},
     "model.pooling": {"gem", "avg"},
+    "model.output_stride": {8, 16, 32},
     "loss.head": {"arcface", "subcenter"},
     "train.optimizer": {"adamw", "sgd", "adabound"},
     "train.schedule": {"cosine", "step"},

@@ -45,6 +45,8 @@ def create_backbone(cfg) -> nn.Module:
 
     kwargs = {"features_only": True, "out_indices": tuple(cfg.out_indices), "drop_rate": cfg.drop_rate,
               "drop_path_rate": cfg.drop_path_rate}
+    if cfg.output_stride != 32:
+        kwargs["output_stride"] = cfg.output_stride
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
         if not path.is_file():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from reid.config import load_config
+from reid.config import ConfigError, load_config
 from reid.model import GeM, ModelError, ReidNet, build_head, param_groups
 
 
@@ -40,6 +40,19 @@ def test_level_norm_centres_each_pooled_level_before_concatenation(level_norm):
     # GeM of non-negative maps is positive; a BatchNorm per level makes every channel's batch mean zero
     assert (means.abs().max() < 1e-4) == level_norm
     assert (len(model.level_norms) == 3) if level_norm else model.level_norms is None
+
+
+def test_output_stride_16_dilates_the_last_stage_instead_of_striding():
+    sizes = {}
+    for stride in (32, 16):
+        cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[2, 3, 4]",
+                                 "model.embedding_dim=8", f"model.output_stride={stride}"])
+        model = ReidNet(cfg.model).eval()
+        sizes[stride] = [f.shape[-1] for f in model.backbone(torch.rand(2, 3, 64, 64))]
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 8)
+    assert sizes == {32: [8, 4, 2], 16: [8, 4, 4]}  # 64 px at strides 8, 16, 32 against 8, 16, 16
+    with pytest.raises(ConfigError, match="model.output_stride"):
+        load_config(None, ["model.output_stride=12"])
 
 
 def test_arcface_margin_is_radians_in_config_and_converted():

@@ -85,7 +85,7 @@ def test_randaugment_policy_changes_photos_reproducibly():
 
 @pytest.mark.parametrize("switches", [
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
-    ["aug.progressive=0.5", "model.level_norm=true"],
+    ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
      "loss.pair_weight=0.5", "train.m_per_class=4"],
     ["train.optimizer=sgd", "train.lr_reference_batch=64", "train.zero_init_last=true", "train.ema=0.9",
