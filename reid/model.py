@@ -45,7 +45,7 @@ def create_backbone(cfg) -> nn.Module:
 
     kwargs = {"features_only": True, "out_indices": tuple(cfg.out_indices), "drop_rate": cfg.drop_rate,
               "drop_path_rate": cfg.drop_path_rate}
-    if cfg.output_stride != 32:
+    if cfg.output_stride != 32:  # only when asked: not every timm model takes the argument
         kwargs["output_stride"] = cfg.output_stride
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
@@ -61,6 +61,10 @@ def create_backbone(cfg) -> nn.Module:
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ModelError(f"model.backbone: timm has no model {cfg.backbone!r}") from err
+        raise
+    except TypeError as err:
+        if "output_stride" in str(err):
+            raise ModelError(f"model.output_stride: {cfg.backbone} has a fixed stride; leave the key at 32") from err
         raise
     except (IndexError, AssertionError) as err:
         raise ModelError(f"model.out_indices {cfg.out_indices} do not fit {cfg.backbone}: {err}") from err

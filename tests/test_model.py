@@ -53,6 +53,8 @@ def test_output_stride_16_dilates_the_last_stage_instead_of_striding():
     assert sizes == {32: [8, 4, 2], 16: [8, 4, 4]}  # 64 px at strides 8, 16, 32 against 8, 16, 16
     with pytest.raises(ConfigError, match="model.output_stride"):
         load_config(None, ["model.output_stride=12"])
+    with pytest.raises(ModelError, match="model.output_stride: test_vit has a fixed stride"):
+        ReidNet(load_config(None, ["model.backbone=test_vit", "model.output_stride=16"]).model)
 
 
 def test_arcface_margin_is_radians_in_config_and_converted():
