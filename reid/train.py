@@ -24,6 +24,8 @@ from .model import ReidNet, build_head, distill_loss, head_loss, lr_lambda, pair
 
 log = logging.getLogger(__name__)
 
+MAX_BAD_STEPS = 25  # non-finite losses in a row before training counts as diverged; fewer are skipped
+
 
 class RunError(ValueError):
     """A run folder that cannot be used as asked."""
@@ -85,6 +87,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, out: Path):
         self.cfg, self.out = cfg, out
+        self.bad_steps = self.skipped = 0  # non-finite losses: in a row (across epochs), and in this epoch
         self.device = resolve_device(cfg.train.device)
         self.dtype = amp_dtype(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
@@ -218,21 +221,26 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed * 1000 + self.epoch)  # dropout etc.: same on resume
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.epoch)
         losses, seen, start, wait = [], 0, time.perf_counter(), 0.0
-        bar = tqdm(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step")
+        self.skipped = 0
         tick = time.perf_counter()
-        for step, batch in enumerate(self.loader):
-            if step >= self.steps or self.out_of_time():
-                break
-            wait += time.perf_counter() - tick
-            losses.append(self._step(batch, gen, step))
-            seen += len(batch["labels"])
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
-            tick = time.perf_counter()
-        bar.close()
+        # closed on the way out of an error too, so that the error is the last line the user sees
+        with tqdm(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step") as bar:
+            for step, batch in enumerate(self.loader):
+                if step >= self.steps or self.out_of_time():
+                    break
+                wait += time.perf_counter() - tick
+                losses.append(self._step(batch, gen, step))
+                seen += len(batch["labels"])
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                tick = time.perf_counter()
         elapsed = time.perf_counter() - start
-        return {"loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen / elapsed,
+        if self.skipped:
+            log.warning("epoch %d: skipped %d of %d steps whose loss was not finite", self.epoch + 1, self.skipped,
+                        len(losses))
+        finite = [v for v in losses if np.isfinite(v)]
+        return {"loss": float(np.mean(finite)) if finite else float("nan"), "images_per_s": seen / elapsed,
                 "data_wait_share": wait / elapsed, "epoch_s": elapsed}
 
     def _step(self, batch: dict, gen: torch.Generator, step: int) -> float:
@@ -254,10 +262,27 @@ class Trainer:
                 target = self.teacher(x)
             t = self.cfg.train
             loss = loss + t.distill_weight * distill_loss(emb.float(), target.float(), t.distill_temperature)
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            return self._skip_step(step)
+        self.bad_steps = 0
         self.scaler.scale(loss / self.cfg.train.accumulate).backward()
         if (step + 1) % self.cfg.train.accumulate == 0:
             self._update()
-        return float(loss.detach())
+        return value
+
+    def _skip_step(self, step: int) -> float:
+        """Drop a batch whose loss is not finite (an fp16 overflow, a bad batch) rather than let it poison the
+        weights; many in a row mean the weights themselves have diverged, and training stops."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.skipped += 1
+        if self.bad_steps >= MAX_BAD_STEPS:
+            t = self.cfg.train
+            raise RunError(f"training diverged in epoch {self.epoch + 1} (step {step + 1}): the loss was not finite "
+                           f"for {self.bad_steps} steps in a row; lower train.lr (now {t.lr:g}) or train.grad_clip "
+                           f"(now {t.grad_clip:g}) and train again")
+        return float("nan")
 
     def _update(self) -> None:
         if self.cfg.train.grad_clip:

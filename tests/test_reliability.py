@@ -95,3 +95,38 @@ def test_unreadable_test_photo_gets_new_individual_first(tmp_path, tiny_set):
     assert main(["predict", "--run", str(run), "--out", str(out), "predict.threshold=-1.5"]) == 0
     sub = pd.read_csv(out).set_index("image").predictions
     assert sub[victim].startswith("new_individual") and not sub.drop(victim).str.startswith("new_individual").any()
+
+
+def _nan_loss_on(monkeypatch, calls: set[int]):
+    """Make the margin loss NaN on the given 0-based calls, real otherwise."""
+    import reid.train
+
+    real, count = reid.train.head_loss, iter(range(10**6))
+
+    def head_loss(head, emb, labels):
+        loss = real(head, emb, labels)
+        return loss * float("nan") if next(count) in calls else loss
+
+    monkeypatch.setattr(reid.train, "head_loss", head_loss)
+
+
+def test_a_few_non_finite_losses_are_skipped_without_poisoning_the_weights(tmp_path, tiny_overrides, monkeypatch,
+                                                                             caplog):
+    _nan_loss_on(monkeypatch, {1})
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *tiny_overrides, "train.epochs=1"]) == 0
+    weights = load_checkpoint(run / "last.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert np.isfinite(pd.read_csv(run / "metrics.csv").loss.iloc[0])
+    assert "skipped 1 of" in caplog.text
+
+
+def test_diverged_training_stops_with_one_line_naming_the_learning_rate(tmp_path, tiny_overrides, monkeypatch,
+                                                                       capsys):
+    import reid.train
+
+    monkeypatch.setattr(reid.train, "MAX_BAD_STEPS", 4)
+    _nan_loss_on(monkeypatch, set(range(2, 10**6)))  # two good steps, then NaN
+    assert main(["train", "--out", str(tmp_path / "run"), *tiny_overrides, "train.epochs=3"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("reid train: error: training diverged") and "train.lr (now 0.003)" in last
