@@ -323,11 +323,15 @@ def build_transform(aug, train: bool):
 
     steps = []
     if train:
+        # a switch at 0 adds no step, so that it draws no random numbers and leaves the other jitters as they were
         steps = [
             A.Affine(scale=(0.85, 1.15), translate_percent=(-0.06, 0.06), rotate=(-12, 12), shear=(-5, 5),
                      border_mode=cv2.BORDER_REFLECT_101, p=aug.affine),
+            *([A.Perspective(scale=(0.02, 0.08), border_mode=cv2.BORDER_REFLECT_101, p=aug.perspective)]
+              if aug.perspective else []),
             A.HorizontalFlip(p=aug.hflip),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=aug.color),
+            *([camera_faults(aug.degrade)] if aug.degrade else []),
             A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.3), hole_width_range=(0.1, 0.3),
                             fill="random_uniform", p=aug.erasing),
         ]
@@ -338,6 +342,16 @@ def build_transform(aug, train: bool):
             A.Affine(shear=(-15, 15), p=1), A.Affine(translate_percent=(-0.15, 0.15), p=1),
         ], n=aug.randaugment, p=1.0))
     return A.Compose([*steps, A.Normalize(), ToTensorV2()])
+
+
+def camera_faults(p: float):
+    """With probability p, one of the faults of field photos: defocus, motion blur, a small sensor upscaled,
+    strong JPEG compression, sensor noise."""
+    import albumentations as A
+
+    return A.OneOf([A.GaussianBlur(sigma_limit=(0.5, 1.5)), A.MotionBlur(blur_limit=(3, 7)),
+                    A.Downscale(scale_range=(0.4, 0.8)), A.ImageCompression(quality_range=(30, 80)),
+                    A.GaussNoise(std_range=(0.02, 0.08))], p=p)
 
 
 class PhotoDataset(Dataset):

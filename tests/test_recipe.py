@@ -83,7 +83,23 @@ def test_randaugment_policy_changes_photos_reproducibly():
     assert torch.equal(a, b) and not torch.allclose(a, plain)
 
 
+@pytest.mark.parametrize("switch", ["aug.perspective=1", "aug.degrade=1"])
+def test_perspective_and_camera_faults_change_photos_only_when_switched_on(switch):
+    still = ["aug.hflip=0", "aug.color=0", "aug.affine=0"]
+    img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    plain = build_transform(load_config(None, still).aug, False)(image=img)["image"]
+    steps = [type(t).__name__ for t in build_transform(load_config(None, still).aug, True).transforms]
+    assert "Perspective" not in steps and "OneOf" not in steps  # off: not even a step that draws random numbers
+    tf = build_transform(load_config(None, [*still, switch]).aug, True)
+    outs = []
+    for seed in (5, 5, 6):
+        tf.set_random_seed(seed)
+        outs.append(tf(image=img)["image"])
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], plain) and not torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("switches", [
+    ["aug.perspective=0.5", "aug.degrade=0.5"],
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
     ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
