@@ -87,7 +87,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, out: Path):
         self.cfg, self.out = cfg, out
-        self.bad_steps = self.skipped = 0  # non-finite losses: in a row (across epochs), and in this epoch
+        self.bad_steps = 0  # non-finite losses in a row, across epochs
         self.device = resolve_device(cfg.train.device)
         self.dtype = amp_dtype(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
@@ -221,7 +221,6 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed * 1000 + self.epoch)  # dropout etc.: same on resume
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.epoch)
         losses, seen, start, wait = [], 0, time.perf_counter(), 0.0
-        self.skipped = 0
         tick = time.perf_counter()
         # closed on the way out of an error too, so that the error is the last line the user sees
         with tqdm(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step") as bar:
@@ -236,10 +235,10 @@ class Trainer:
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
                 tick = time.perf_counter()
         elapsed = time.perf_counter() - start
-        if self.skipped:
-            log.warning("epoch %d: skipped %d of %d steps whose loss was not finite", self.epoch + 1, self.skipped,
-                        len(losses))
         finite = [v for v in losses if np.isfinite(v)]
+        if len(finite) < len(losses):
+            log.warning("epoch %d: skipped %d of %d steps whose loss was not finite", self.epoch + 1,
+                        len(losses) - len(finite), len(losses))
         return {"loss": float(np.mean(finite)) if finite else float("nan"), "images_per_s": seen / elapsed,
                 "data_wait_share": wait / elapsed, "epoch_s": elapsed}
 
@@ -262,21 +261,20 @@ class Trainer:
                 target = self.teacher(x)
             t = self.cfg.train
             loss = loss + t.distill_weight * distill_loss(emb.float(), target.float(), t.distill_temperature)
-        value = float(loss.detach())
+        self.scaler.scale(loss / self.cfg.train.accumulate).backward()
+        value = float(loss.detach())  # read after backward is queued, as before, so a GPU does not wait on it
         if not np.isfinite(value):
             return self._skip_step(step)
         self.bad_steps = 0
-        self.scaler.scale(loss / self.cfg.train.accumulate).backward()
         if (step + 1) % self.cfg.train.accumulate == 0:
             self._update()
         return value
 
     def _skip_step(self, step: int) -> float:
-        """Drop a batch whose loss is not finite (an fp16 overflow, a bad batch) rather than let it poison the
-        weights; many in a row mean the weights themselves have diverged, and training stops."""
+        """Drop the gradients of a batch whose loss is not finite (an fp16 overflow, a bad batch) before they
+        poison the weights; many in a row mean the weights themselves have diverged, and training stops."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
-        self.skipped += 1
         if self.bad_steps >= MAX_BAD_STEPS:
             t = self.cfg.train
             raise RunError(f"training diverged in epoch {self.epoch + 1} (step {step + 1}): the loss was not finite "
