@@ -34,8 +34,10 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
     "+ RICAP": ["aug.ricap=0.3"],
     "+ RandAugment policy, 2 ops": ["aug.randaugment=2"],
     "+ multi-scale 0.75-1.25": ["aug.multiscale=[0.75, 1.0, 1.25]"],
-    "SGD with momentum (lr 0.05)": ["train.optimizer=sgd", "train.lr=0.05"],
-    "AdaBound": ["train.optimizer=adabound"],
+    # the default trains with SGD at lr 0.3; the adaptive optimizers get the rate and decay AdamW was tuned to
+    "AdamW (lr 3e-3, weight decay 0.05)": ["train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.05",
+                                           "train.grad_clip=5"],
+    "AdaBound": ["train.optimizer=adabound", "train.lr=0.003", "train.weight_decay=0.05", "train.grad_clip=5"],
     "step decay instead of cosine": ["train.schedule=step"],
     "+ zero-init last norm": ["train.zero_init_last=true"],
     "+ EMA of weights (0.99)": ["train.ema=0.99"],
