@@ -21,8 +21,11 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = ["model.pooling=avg", "model.out_indices=[4]", "aug.color=0", "aug.affine=0"]
+# the default trains with SGD at lr 0.3; adaptive optimizers get the rate and decay AdamW was tuned to
+ADAMW = ["train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.05", "train.grad_clip=5"]
 RECIPES = {  # name -> overrides of configs/demo.yaml
     "plain: avg pool on the last level, ArcFace, flips only": PLAIN,
+    "plain with AdamW, its best optimizer": PLAIN + ADAMW,
     "default (configs/demo.yaml)": [],
     "+ label smoothing 0.1": ["loss.label_smoothing=0.1"],
     "+ sub-center ArcFace, k=3": ["loss.head=subcenter"],
@@ -34,10 +37,8 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
     "+ RICAP": ["aug.ricap=0.3"],
     "+ RandAugment policy, 2 ops": ["aug.randaugment=2"],
     "+ multi-scale 0.75-1.25": ["aug.multiscale=[0.75, 1.0, 1.25]"],
-    # the default trains with SGD at lr 0.3; the adaptive optimizers get the rate and decay AdamW was tuned to
-    "AdamW (lr 3e-3, weight decay 0.05)": ["train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.05",
-                                           "train.grad_clip=5"],
-    "AdaBound": ["train.optimizer=adabound", "train.lr=0.003", "train.weight_decay=0.05", "train.grad_clip=5"],
+    "AdamW (lr 3e-3, weight decay 0.05)": ADAMW,
+    "AdaBound": ["train.optimizer=adabound", *ADAMW[1:]],
     "step decay instead of cosine": ["train.schedule=step"],
     "+ zero-init last norm": ["train.zero_init_last=true"],
     "+ EMA of weights (0.99)": ["train.ema=0.99"],
@@ -79,7 +80,9 @@ def table(df: pd.DataFrame, how: str, command: str) -> str:
     g = ok.groupby("recipe", sort=False)
     rows = ["| recipe | overrides | val MAP@5 (mean ± spread) | known | new | epochs | wall s |",
             "|---|---|---|---|---|---|---|"]
-    plain = g.val_map5.mean().get(next(iter(RECIPES)), float("nan"))
+    means = g.val_map5.mean()
+    # the plain recipe at its best: with the default's optimizer or with AdamW, whichever scored higher
+    plain = max((means[n] for n in RECIPES if n.startswith("plain") and n in means), default=float("nan"))
     for name, r in g:
         spread = (r.val_map5.max() - r.val_map5.min()) / 2
         rows.append(f"| {name} | `{r.overrides.iloc[0] or '-'}` | {r.val_map5.mean():.4f} ± {spread:.4f} "
@@ -90,7 +93,8 @@ def table(df: pd.DataFrame, how: str, command: str) -> str:
     head = (f"# Recipe ablation\n\nEach recipe trained for {how} on {machine()} from "
             f"scratch (`{command}`), seeds {sorted(ok.seed.unique().tolist())}; "
             "validation MAP@5 on the holdout (25 % of its photos new individuals, threshold tuned on it, the same "
-            "for every recipe). Spread is half the range over seeds.\n\n")
+            "for every recipe). Spread is half the range over seeds; 'vs plain' is against the better of the two "
+            "plain rows.\n\n")
     return head + "\n".join(rows) + "\n"
 
 
