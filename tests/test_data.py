@@ -143,3 +143,23 @@ def test_collate_pads_different_sizes_and_keeps_ids():
     assert out["images"].shape == (2, 3, 5, 6)
     assert out["images"][0, :, 4:, :].abs().sum() == 0 and out["images"][1, :, :, 3:].abs().sum() == 0
     assert out["labels"].tolist() == [1, 2] and out["indices"].tolist() == [0, 7]
+
+
+def test_heldout_set_is_a_valid_layout_with_new_individuals_and_never_overwrites(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("heldout", Path(__file__).parents[1] / "scripts/heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout)
+    photos = heldout.write(tmp_path, individuals=8, seed=1, jobs=1)
+    train = read_train(tmp_path)
+    assert set(train.image) == set(photos.image[photos.part == "train"]) and train.individual_id.nunique() == 8
+    solution = pd.read_csv(tmp_path / "solution.csv")
+    new = ~solution.individual_id.isin(train.individual_id)
+    assert new.any() and (solution.individual_id[new] == "new_individual").all()
+    left, right = heldout.coat(1, 0, 0, "whale_shark"), heldout.coat(1, 0, 1, "whale_shark")
+    assert np.abs(left - right).mean() > 5  # the two body sides carry different patterns
+    assert np.array_equal(heldout.render(1, 0, "plains_zebra", "a.jpg"), heldout.render(1, 0, "plains_zebra", "a.jpg"))
+    with pytest.raises(SystemExit, match="already exists"):
+        heldout.write(tmp_path, individuals=8, seed=1, jobs=1)
