@@ -21,11 +21,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = ["model.pooling=avg", "model.out_indices=[4]", "aug.color=0", "aug.affine=0"]
-# the default trains with SGD at lr 0.3; adaptive optimizers get the rate and decay AdamW was tuned to
-ADAMW = ["train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.05", "train.grad_clip=5"]
+# SGD needs its own rate, decay and clipping; at lr 0.3 it wins on reid synth and loses on docs/heldout.md
+SGD = ["train.optimizer=sgd", "train.lr=0.3", "train.weight_decay=0.0005", "train.grad_clip=1"]
+SGD_01 = ["train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=0.0005", "train.grad_clip=5"]
 RECIPES = {  # name -> overrides of configs/demo.yaml
     "plain: avg pool on the last level, ArcFace, flips only": PLAIN,
-    "plain with AdamW, its best optimizer": PLAIN + ADAMW,
+    "plain with SGD (lr 0.3, clip 1)": PLAIN + SGD,
     "default (configs/demo.yaml)": [],
     "+ label smoothing 0.1": ["loss.label_smoothing=0.1"],
     "+ sub-center ArcFace, k=3": ["loss.head=subcenter"],
@@ -37,8 +38,9 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
     "+ RICAP": ["aug.ricap=0.3"],
     "+ RandAugment policy, 2 ops": ["aug.randaugment=2"],
     "+ multi-scale 0.75-1.25": ["aug.multiscale=[0.75, 1.0, 1.25]"],
-    "AdamW (lr 3e-3, weight decay 0.05)": ADAMW,
-    "AdaBound": ["train.optimizer=adabound", *ADAMW[1:]],
+    "SGD with Nesterov momentum (lr 0.3, weight decay 5e-4, clip 1)": SGD,
+    "SGD with Nesterov momentum (lr 0.1, weight decay 5e-4, clip 5)": SGD_01,
+    "AdaBound": ["train.optimizer=adabound"],
     "step decay instead of cosine": ["train.schedule=step"],
     "+ zero-init last norm": ["train.zero_init_last=true"],
     "+ EMA of weights (0.99)": ["train.ema=0.99"],
@@ -81,7 +83,7 @@ def table(df: pd.DataFrame, how: str, command: str) -> str:
     rows = ["| recipe | overrides | val MAP@5 (mean ± spread) | known | new | epochs | wall s |",
             "|---|---|---|---|---|---|---|"]
     means = g.val_map5.mean()
-    # the plain recipe at its best: with the default's optimizer or with AdamW, whichever scored higher
+    # the plain recipe at its best: with the default's optimizer or with SGD, whichever scored higher
     plain = max((means[n] for n in RECIPES if n.startswith("plain") and n in means), default=float("nan"))
     for name, r in g:
         spread = (r.val_map5.max() - r.val_map5.min()) / 2
