@@ -1,6 +1,7 @@
 """Ablation of the training recipe: each switch against the plain recipe and the default, the same wall time each,
 on the synthetic set, with two seeds. Results go to docs/ablation.csv (one row per run, so an interrupted ablation
-resumes) and docs/ablation.md (the table).
+resumes) and docs/ablation.md (the table). A finished (recipe, seed) row is not run again, so another --data needs
+its own --results.
 
     python scripts/ablate.py [--minutes 1.0 | --epochs N] [--seeds 0 1] [--only NAME ...] [--variants FILE]
                              [--parallel P] [--data data/synth] [--results DIR] [--extra KEY=VALUE ...]
@@ -52,8 +53,9 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
 
 def run_one(name: str, overrides: list[str], seed: int, budget: list[str], data: Path, out: Path,
             extra: list[str] = ()) -> dict:
-    # the same recipe, seed and budget reuse one folder (--force replaces it): runs don't pile up on the disk
-    key = json.dumps([name, list(overrides), seed, budget, list(extra)]).encode()
+    # the same recipe, seed, budget and data reuse one folder (--force replaces it): runs don't pile up on the disk,
+    # and runs on two data sets at once don't write into each other's folder
+    key = json.dumps([name, list(overrides), seed, budget, list(extra), str(data.resolve())]).encode()
     run = out / hashlib.sha1(key).hexdigest()[:10]
     cmd = [sys.executable, "-m", "reid.cli", "train", "--config", str(ROOT / "configs/demo.yaml"), "--data",
            str(data), "--out", str(run), "--force", f"train.seed={seed}", f"split.seed={0}", "train.val_every=1000",
