@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny synthetic set made once per session, and a tiny CPU config."""
+"""Shared fixtures: a tiny synthetic set made once per session, a tiny CPU config, and the scripts/ modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,16 @@ def tiny_set(tmp_path_factory):
 @pytest.fixture()
 def tiny_overrides(tiny_set):
     return [f"data.root={tiny_set}", *TINY]
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a file of scripts/ (not a package) as a module: load_script("ablate")."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -145,13 +145,8 @@ def test_collate_pads_different_sizes_and_keeps_ids():
     assert out["labels"].tolist() == [1, 2] and out["indices"].tolist() == [0, 7]
 
 
-def test_heldout_set_is_a_valid_layout_with_new_individuals_and_never_overwrites(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("heldout", Path(__file__).parents[1] / "scripts/heldout.py")
-    heldout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heldout)
+def test_heldout_set_is_a_valid_layout_with_new_individuals_and_never_overwrites(tmp_path, load_script):
+    heldout = load_script("heldout")
     photos = heldout.write(tmp_path, individuals=8, seed=1, jobs=1)
     train = read_train(tmp_path)
     assert set(train.image) == set(photos.image[photos.part == "train"]) and train.individual_id.nunique() == 8
