@@ -331,6 +331,7 @@ def build_transform(aug, train: bool):
               if aug.perspective else []),
             A.HorizontalFlip(p=aug.hflip),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=aug.color),
+            *([A.ToGray(p=aug.gray)] if aug.gray else []),
             *([camera_faults(aug.degrade)] if aug.degrade else []),
             A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.3), hole_width_range=(0.1, 0.3),
                             fill="random_uniform", p=aug.erasing),

@@ -89,7 +89,7 @@ def test_perspective_and_camera_faults_change_photos_only_when_switched_on(switc
     img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
     plain = build_transform(load_config(None, still).aug, False)(image=img)["image"]
     steps = [type(t).__name__ for t in build_transform(load_config(None, still).aug, True).transforms]
-    assert "Perspective" not in steps and "OneOf" not in steps  # off: not even a step that draws random numbers
+    assert not {"Perspective", "OneOf", "ToGray"} & set(steps)  # off: not even a step that draws random numbers
     tf = build_transform(load_config(None, [*still, switch]).aug, True)
     outs = []
     for seed in (5, 5, 6):
@@ -98,8 +98,19 @@ def test_perspective_and_camera_faults_change_photos_only_when_switched_on(switc
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], plain) and not torch.equal(outs[0], outs[2])
 
 
+def test_grey_switch_makes_the_three_channels_equal_and_is_absent_when_off():
+    still = ["aug.hflip=0", "aug.color=0", "aug.affine=0"]
+    img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    off = build_transform(load_config(None, still).aug, True)
+    assert "ToGray" not in [type(t).__name__ for t in off.transforms]
+    for switch, grey in (("aug.gray=0", False), ("aug.gray=1", True)):
+        rgb = build_transform(load_config(None, [*still, switch]).aug, True)(image=img)["image"] * std + mean
+        assert torch.allclose(rgb[0], rgb[1], atol=1e-5) == grey and torch.allclose(rgb[1], rgb[2], atol=1e-5) == grey
+
+
 @pytest.mark.parametrize("switches", [
-    ["aug.perspective=0.5", "aug.degrade=0.5"],
+    ["aug.perspective=0.5", "aug.degrade=0.5", "aug.gray=0.2"],
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
     ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
