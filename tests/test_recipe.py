@@ -83,29 +83,30 @@ def test_randaugment_policy_changes_photos_reproducibly():
     assert torch.equal(a, b) and not torch.allclose(a, plain)
 
 
+STILL = ["aug.hflip=0", "aug.color=0", "aug.affine=0"]  # the default's jitters off: only the switch under test acts
+PHOTO = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+
+
 @pytest.mark.parametrize("switch", ["aug.perspective=1", "aug.degrade=1"])
 def test_perspective_and_camera_faults_change_photos_only_when_switched_on(switch):
-    still = ["aug.hflip=0", "aug.color=0", "aug.affine=0"]
-    img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    plain = build_transform(load_config(None, still).aug, False)(image=img)["image"]
-    steps = [type(t).__name__ for t in build_transform(load_config(None, still).aug, True).transforms]
+    plain = build_transform(load_config(None, STILL).aug, False)(image=PHOTO)["image"]
+    steps = [type(t).__name__ for t in build_transform(load_config(None, STILL).aug, True).transforms]
     assert "Perspective" not in steps and "OneOf" not in steps  # off: not even a step that draws random numbers
-    tf = build_transform(load_config(None, [*still, switch]).aug, True)
+    tf = build_transform(load_config(None, [*STILL, switch]).aug, True)
     outs = []
     for seed in (5, 5, 6):
         tf.set_random_seed(seed)
-        outs.append(tf(image=img)["image"])
+        outs.append(tf(image=PHOTO)["image"])
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], plain) and not torch.equal(outs[0], outs[2])
 
 
 def test_grey_switch_makes_the_three_channels_equal_and_is_absent_when_off():
-    still = ["aug.hflip=0", "aug.color=0", "aug.affine=0"]
-    img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    off = build_transform(load_config(None, still).aug, True)
+    off = build_transform(load_config(None, STILL).aug, True)
     assert "ToGray" not in [type(t).__name__ for t in off.transforms]
+    norm = next(t for t in off.transforms if type(t).__name__ == "Normalize")  # undo it with its own statistics
+    mean, std = torch.tensor(norm.mean)[:, None, None], torch.tensor(norm.std)[:, None, None]
     for switch, grey in (("aug.gray=0", False), ("aug.gray=1", True)):
-        rgb = build_transform(load_config(None, [*still, switch]).aug, True)(image=img)["image"] * std + mean
+        rgb = build_transform(load_config(None, [*STILL, switch]).aug, True)(image=PHOTO)["image"] * std + mean
         assert torch.allclose(rgb[0], rgb[1], atol=1e-5) == grey and torch.allclose(rgb[1], rgb[2], atol=1e-5) == grey
 
 
