@@ -47,6 +47,8 @@ class AugConfig:
     color: float = 0.5  # hue / saturation / contrast / brightness
     gray: float = 0.0  # grey photos: identity lives in outline and marks, not in the camera's colour
     affine: float = 0.5  # shift, scale, rotate
+    affine_strength: float = 1.0  # multiplies the affine ranges (scale ±0.15, shift ±6 %, rotate ±12°, shear ±5°)
+    color_strength: float = 1.0  # multiplies the colour ranges (brightness, contrast, saturation ±0.3, hue ±0.05)
     perspective: float = 0.0  # perspective warp: the camera off the animal's axis
     degrade: float = 0.0  # one camera fault per photo: blur, motion blur, downscaling, JPEG loss or sensor noise
     erasing: float = 0.0  # random erasing (coarse dropout) probability
@@ -158,6 +160,7 @@ RANGES = {  # inclusive bounds
     "split.folds": (2, 100), "split.fold": (0, 99), "aug.hflip": (0.0, 1.0), "aug.color": (0.0, 1.0),
     "aug.affine": (0.0, 1.0), "aug.erasing": (0.0, 1.0), "aug.mixup": (0.0, 100.0), "aug.cutmix": (0.0, 100.0),
     "aug.progressive": (0.0, 1.0), "aug.perspective": (0.0, 1.0), "aug.degrade": (0.0, 1.0), "aug.gray": (0.0, 1.0),
+    "aug.affine_strength": (0.0, 3.0), "aug.color_strength": (0.0, 3.0),
     "model.gem_p": (1.0, 20.0), "model.embedding_dim": (2, 65536), "model.drop_rate": (0.0, 1.0),
     "model.drop_path_rate": (0.0, 1.0),
     "loss.scale": (1.0, 1000.0), "loss.margin": (0.0, 1.5), "loss.sub_centers": (1, 100),

@@ -321,16 +321,16 @@ def build_transform(aug, train: bool):
     import albumentations as A
     from albumentations.pytorch import ToTensorV2
 
-    steps = []
+    steps, a, c = [], aug.affine_strength, aug.color_strength
     if train:
         # a switch at 0 adds no step, so that it draws no random numbers and leaves the other jitters as they were
         steps = [
-            A.Affine(scale=(0.85, 1.15), translate_percent=(-0.06, 0.06), rotate=(-12, 12), shear=(-5, 5),
-                     border_mode=cv2.BORDER_REFLECT_101, p=aug.affine),
+            A.Affine(scale=(1 - 0.15 * a, 1 + 0.15 * a), translate_percent=(-0.06 * a, 0.06 * a),
+                     rotate=(-12 * a, 12 * a), shear=(-5 * a, 5 * a), border_mode=cv2.BORDER_REFLECT_101, p=aug.affine),
             *([A.Perspective(scale=(0.02, 0.08), border_mode=cv2.BORDER_REFLECT_101, p=aug.perspective)]
               if aug.perspective else []),
             A.HorizontalFlip(p=aug.hflip),
-            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=aug.color),
+            A.ColorJitter(brightness=0.3 * c, contrast=0.3 * c, saturation=0.3 * c, hue=0.05 * c, p=aug.color),
             *([A.ToGray(p=aug.gray)] if aug.gray else []),
             *([camera_faults(aug.degrade)] if aug.degrade else []),
             A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.3), hole_width_range=(0.1, 0.3),

@@ -110,8 +110,21 @@ def test_grey_switch_makes_the_three_channels_equal_and_is_absent_when_off():
         assert torch.allclose(rgb[0], rgb[1], atol=1e-5) == grey and torch.allclose(rgb[1], rgb[2], atol=1e-5) == grey
 
 
+def test_jitter_strength_scales_the_affine_and_colour_ranges_and_zero_leaves_the_photo_as_it_is():
+    on = ["aug.hflip=0", "aug.color=1", "aug.affine=1"]
+    scaled = load_config(None, [*on, "aug.affine_strength=2", "aug.color_strength=0.5"]).aug
+    steps = {type(t).__name__: t for t in build_transform(scaled, True)}
+    affine, colour = steps["Affine"], steps["ColorJitter"]
+    assert affine.rotate == (-24, 24) and affine.scale["x"] == pytest.approx((0.7, 1.3))
+    assert colour.brightness == pytest.approx((0.85, 1.15)) and colour.hue == pytest.approx((-0.025, 0.025))
+    plain = build_transform(load_config(None, STILL).aug, False)(image=PHOTO)["image"]
+    none = load_config(None, [*on, "aug.affine_strength=0", "aug.color_strength=0"]).aug
+    assert torch.allclose(build_transform(none, True)(image=PHOTO)["image"], plain, atol=1e-4)
+    assert not torch.allclose(build_transform(load_config(None, on).aug, True)(image=PHOTO)["image"], plain, atol=1e-4)
+
+
 @pytest.mark.parametrize("switches", [
-    ["aug.perspective=0.5", "aug.degrade=0.5", "aug.gray=0.2"],
+    ["aug.perspective=0.5", "aug.degrade=0.5", "aug.gray=0.2", "aug.affine_strength=1.5", "aug.color_strength=0.5"],
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
     ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
