@@ -73,6 +73,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0  # stochastic depth: chance of skipping a residual block in training (timm)
     output_stride: int = 32  # 16 or 8: the last stages dilated instead of strided (reid's "last stride 1")
     level_norm: bool = False  # BatchNorm on each pooled level before concatenation: levels weigh the same at start
+    stripes: int = 1  # pool each level over this many horizontal bands (PCB parts) instead of the whole map
 
 
 @dataclass
@@ -162,7 +163,7 @@ RANGES = {  # inclusive bounds
     "aug.progressive": (0.0, 1.0), "aug.perspective": (0.0, 1.0), "aug.degrade": (0.0, 1.0), "aug.gray": (0.0, 1.0),
     "aug.affine_strength": (0.0, 3.0), "aug.color_strength": (0.0, 3.0),
     "model.gem_p": (1.0, 20.0), "model.embedding_dim": (2, 65536), "model.drop_rate": (0.0, 1.0),
-    "model.drop_path_rate": (0.0, 1.0),
+    "model.drop_path_rate": (0.0, 1.0), "model.stripes": (1, 64),
     "loss.scale": (1.0, 1000.0), "loss.margin": (0.0, 1.5), "loss.sub_centers": (1, 100),
     "loss.label_smoothing": (0.0, 0.99), "loss.head_lr_mult": (0.0, 1e4), "loss.species_weight": (0.0, 100.0),
     "train.epochs": (1, 100000), "train.batch_size": (2, 65536), "train.lr": (0.0, 10.0),

@@ -16,23 +16,36 @@ class ModelError(ValueError):
     """A model that cannot be built as configured; the message says which key to change."""
 
 
-class GeM(nn.Module):
-    """Generalized mean pooling: (mean x^p)^(1/p), p learnable; p=1 is average, large p tends to max pooling."""
+def stripe_mean(x: torch.Tensor, stripes: int) -> torch.Tensor:
+    """Mean over each of `stripes` horizontal bands of the map, flattened to (N, C * stripes)."""
+    if stripes == 1:
+        return x.mean(dim=(-2, -1))
+    # horizontal bands keep the top-to-bottom layout and stay the same under a left-right flip
+    return F.adaptive_avg_pool2d(x, (stripes, 1)).flatten(1)
 
-    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True):
+
+class GeM(nn.Module):
+    """Generalized mean pooling: (mean x^p)^(1/p), p learnable; p=1 is average, large p tends to max pooling.
+    With `stripes` > 1, one GeM per horizontal band (the part pooling of PCB re-identification)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True, stripes: int = 1):
         super().__init__()
         self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
-        self.eps = eps
+        self.eps, self.stripes = eps, stripes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32: x^p overflows half precision for typical activations and p
         x = x.float().clamp(min=self.eps).pow(self.p)
-        return x.mean(dim=(-2, -1)).pow(1.0 / self.p)
+        return stripe_mean(x, self.stripes).pow(1.0 / self.p)
 
 
 class AvgPool(nn.Module):
+    def __init__(self, stripes: int = 1):
+        super().__init__()
+        self.stripes = stripes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().mean(dim=(-2, -1))
+        return stripe_mean(x.float(), self.stripes)
 
 
 def _offline() -> bool:
@@ -86,8 +99,8 @@ class ReidNet(nn.Module):
     def __init__(self, cfg, n_species: int = 0):
         super().__init__()
         self.backbone = create_backbone(cfg)
-        channels = self.backbone.feature_info.channels()
-        pool = (lambda: GeM(cfg.gem_p)) if cfg.pooling == "gem" else AvgPool
+        channels = [c * cfg.stripes for c in self.backbone.feature_info.channels()]
+        pool = (lambda: GeM(cfg.gem_p, stripes=cfg.stripes)) if cfg.pooling == "gem" else (lambda: AvgPool(cfg.stripes))
         self.pools = nn.ModuleList(pool() for _ in channels)
         # GeM outputs of deep levels are larger than those of shallow ones; a norm per level evens them out
         self.level_norms = nn.ModuleList(nn.BatchNorm1d(c) for c in channels) if cfg.level_norm else None

@@ -18,6 +18,26 @@ def test_gem_matches_its_formula():
     assert GeM(3.0).p.requires_grad
 
 
+def test_stripes_pool_each_horizontal_band_and_ignore_a_left_right_flip():
+    x = torch.rand(2, 3, 6, 5) + 0.1
+    gem = GeM(2.0, stripes=3)
+    bands = [GeM(2.0)(x[:, :, 2 * i:2 * i + 2]) for i in range(3)]  # (N, C) each
+    assert torch.allclose(gem(x), torch.stack(bands, dim=2).flatten(1), atol=1e-6)  # channel-major, as flattened
+    assert torch.allclose(gem(x.flip(-1)), gem(x), atol=1e-6)
+    assert not torch.allclose(gem(x.flip(-2)), gem(x), atol=1e-3)  # top and bottom are kept apart
+
+
+@pytest.mark.parametrize("pooling", ["gem", "avg"])
+def test_stripes_multiply_the_pooled_width(pooling):
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1, 2, 3]",
+                             "model.embedding_dim=8", "model.stripes=2", f"model.pooling={pooling}"])
+    model = ReidNet(cfg.model).eval()
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 8)
+    assert model.neck[1].in_features == 2 * sum(model.backbone.feature_info.channels())
+    with pytest.raises(ConfigError, match="model.stripes"):
+        load_config(None, ["model.stripes=0"])
+
+
 def test_multi_level_model_output_shape():
     cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1, 2, 3]",
                              "model.embedding_dim=24"])

@@ -126,7 +126,7 @@ def test_jitter_strength_scales_the_affine_and_colour_ranges_and_zero_leaves_the
 @pytest.mark.parametrize("switches", [
     ["aug.perspective=0.5", "aug.degrade=0.5", "aug.gray=0.2", "aug.affine_strength=1.5", "aug.color_strength=0.5"],
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
-    ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16"],
+    ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16", "model.stripes=2"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
      "loss.pair_weight=0.5", "train.m_per_class=4"],
     ["train.optimizer=sgd", "train.lr_reference_batch=64", "train.zero_init_last=true", "train.ema=0.9",
