@@ -1,6 +1,6 @@
 """Benchmarks, each against the plain alternative run side by side in this process. Writes bench/results.json.
 
-    python scripts/bench.py [--only data,loader,layout,search,hnsw,gpu] [--quick]
+    python scripts/bench.py [--only data,loader,layout,stripes,search,hnsw,gpu] [--quick]
 """
 
 from __future__ import annotations
@@ -305,9 +305,38 @@ def bench_gpu(steps: int, backbone: str = "tf_efficientnet_b6", size: int = 512,
     record("gpu_speedup_bf16_channels_last", rates["bf16_channels_last"] / rates["fp32"], "x", "fp32")
 
 
+def bench_stripes(repeats: int, batch: int = 32) -> None:
+    """A channels-last training step of the demo model with `model.stripes` 2 and 4 against 1 (interleaved repeats,
+    medians): what pooling over bands costs in epochs under a wall-time budget."""
+    import torch
+
+    from reid.config import load_config
+    from reid.model import ReidNet
+
+    models = {n: ReidNet(load_config(ROOT / "configs" / "demo.yaml", [f"model.stripes={n}"]).model).train()
+              .to(memory_format=torch.channels_last) for n in (1, 2, 4)}
+    x = torch.rand(batch, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+
+    def train_step(model):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    times = {n: [] for n in models}
+    for _ in range(repeats):
+        for n, model in models.items():
+            train_step(model)  # warm-up after switching models
+            start = time.perf_counter()
+            for _ in range(3):
+                train_step(model)
+            times[n].append((time.perf_counter() - start) / 3)
+    med = {n: float(np.median(v)) for n, v in times.items()}
+    for n in (2, 4):
+        record(f"cpu_train_step_stripes_{n}_over_1", med[n] / med[1], "x", "stripes 1")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="data,loader,layout,search,hnsw,gpu")
+    parser.add_argument("--only", default="data,loader,layout,stripes,search,hnsw,gpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -319,6 +348,8 @@ def main() -> None:
         bench_loader(5 if q else 30)
     if "layout" in parts:
         bench_layout(2 if q else 7)
+    if "stripes" in parts:
+        bench_stripes(2 if q else 7)
     if "search" in parts:
         bench_search(*((5000, 2000) if q else (51_033, 27_956)))
     if "hnsw" in parts:
