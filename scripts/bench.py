@@ -313,9 +313,10 @@ def bench_stripes(repeats: int, batch: int = 32) -> None:
     from reid.config import load_config
     from reid.model import ReidNet
 
-    models = {n: ReidNet(load_config(ROOT / "configs" / "demo.yaml", [f"model.stripes={n}"]).model).train()
-              .to(memory_format=torch.channels_last) for n in (1, 2, 4)}
-    x = torch.rand(batch, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+    cfgs = {n: load_config(ROOT / "configs" / "demo.yaml", [f"model.stripes={n}"]) for n in (1, 2, 4)}
+    models = {n: ReidNet(c.model).train().to(memory_format=torch.channels_last) for n, c in cfgs.items()}
+    size = cfgs[1].data.image_size
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
 
     def train_step(model):
         model.zero_grad(set_to_none=True)
