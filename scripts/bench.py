@@ -217,6 +217,21 @@ def bench_hnsw(n_gallery: int, n_query: int = 2000, dim: int = 512, k: int = 5) 
     record("hnsw_1m_build", t_build, "s", "")
 
 
+def interleaved_medians(setups: dict, repeats: int, calls: int = 3) -> dict[str, float]:
+    """Median seconds per call of each step, the steps taking turns so that drift hits them alike. `setups` maps a
+    name to a function that prepares its step (layout, model) and returns it; each turn starts with an untimed call."""
+    times = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name, setup in setups.items():
+            step = setup()
+            step()  # the first call after a change picks its kernels
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
 def bench_layout(repeats: int, batch: int = 32) -> None:
     """The demo model on this CPU: a training step and an embedding pass in NCHW, channels-last, and channels-last
     under bf16 autocast (interleaved repeats, medians), as train and predict run them."""
@@ -244,18 +259,13 @@ def bench_layout(repeats: int, batch: int = 32) -> None:
             model.eval()(xs)
 
     print(f"layout: {cfg.model.backbone} at {cfg.data.image_size} px, batch {batch}, {torch.get_num_threads()} threads")
+    def setup(fn, layout, bf16):
+        model.to(memory_format=layout)
+        return partial(fn, x.contiguous(memory_format=layout), bf16)
+
     for what, fn in (("train_step", train_step), ("embed", embed_step)):
-        times = {name: [] for name in modes}
-        for _ in range(repeats):
-            for name, (layout, bf16) in modes.items():
-                model.to(memory_format=layout)
-                xs = x.contiguous(memory_format=layout)
-                fn(xs, bf16)  # the first call after a change picks its kernels
-                start = time.perf_counter()
-                for _ in range(3):
-                    fn(xs, bf16)
-                times[name].append((time.perf_counter() - start) / 3)
-        med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
+        setups = {name: partial(setup, fn, layout, bf16) for name, (layout, bf16) in modes.items()}
+        med = {k: v * 1000 for k, v in interleaved_medians(setups, repeats).items()}
         record(f"cpu_{what}_nchw", med["nchw"], "ms", "")
         record(f"cpu_{what}_channels_last", med["channels_last"], "ms", "nchw")
         record(f"cpu_{what}_speedup_channels_last", med["nchw"] / med["channels_last"], "x", "nchw")
@@ -324,15 +334,7 @@ def bench_stripes(repeats: int, batch: int = 32) -> None:
 
     for model in models.values():  # the first steps of a process pay for its thread pool and kernel choice
         train_step(model)
-    times = {n: [] for n in models}
-    for _ in range(repeats):
-        for n, model in models.items():
-            train_step(model)  # warm-up after switching models
-            start = time.perf_counter()
-            for _ in range(3):
-                train_step(model)
-            times[n].append((time.perf_counter() - start) / 3)
-    med = {n: float(np.median(v)) for n, v in times.items()}
+    med = interleaved_medians({n: partial(partial, train_step, model) for n, model in models.items()}, repeats)
     for n in (2, 4):
         record(f"cpu_train_step_stripes_{n}_over_1", med[n] / med[1], "x", "stripes 1")
 
