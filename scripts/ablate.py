@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAIN = ["model.pooling=avg", "model.out_indices=[4]", "aug.color=0", "aug.affine=0"]
+# the plain recipe whatever configs/demo.yaml adds: average pooling of one whole map, ArcFace, flips only
+PLAIN = ["model.pooling=avg", "model.out_indices=[4]", "model.stripes=1", "aug.color=0", "aug.affine=0"]
 # SGD needs its own rate, decay and clipping; at lr 0.3 it wins on reid synth and loses on docs/heldout.md
 SGD = ["train.optimizer=sgd", "train.lr=0.3", "train.weight_decay=0.0005", "train.grad_clip=1"]
 SGD_01 = ["train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=0.0005", "train.grad_clip=5"]

@@ -1,9 +1,12 @@
 """scripts/ablate.py on hand-made result rows: which runs are still to do, and the table's 'vs plain' column."""
 
 import argparse
+import dataclasses
 
 import pandas as pd
 import pytest
+
+from reid.config import load_config
 
 DEFAULT = "default (configs/demo.yaml)"
 
@@ -38,3 +41,14 @@ def test_pending_skips_finished_rows_and_keeps_failed_ones(ablate, plains):
     args = argparse.Namespace(only=[DEFAULT, plains[0]], seeds=[0, 1])
     jobs = [(name, seed) for name, _, seed in ablate.pending(args, ablate.RECIPES, done)]
     assert jobs == [(plains[0], 1), (DEFAULT, 1)]
+
+
+def test_plain_recipe_stays_plain_whatever_the_default_adds(ablate):
+    # the issue's plain recipe: average pooling of one whole map, plain ArcFace, flips only
+    cfg = load_config(ablate.ROOT / "configs" / "demo.yaml", ablate.PLAIN)
+    assert (cfg.model.pooling, cfg.model.out_indices, cfg.model.stripes, cfg.model.level_norm) == ("avg", [4], 1, False)
+    extras = ("label_smoothing", "margin_rare", "species_weight", "pair_weight")
+    assert cfg.loss.head == "arcface" and not any(getattr(cfg.loss, key) for key in extras)
+    strengths = ("hflip", "affine_strength", "color_strength")
+    jitters = {key: value for key, value in dataclasses.asdict(cfg.aug).items() if key not in strengths}
+    assert cfg.aug.hflip > 0 and not any(jitters.values()), jitters
