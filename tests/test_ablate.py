@@ -44,7 +44,6 @@ def test_pending_skips_finished_rows_and_keeps_failed_ones(ablate, plains):
 
 
 def test_plain_recipe_stays_plain_whatever_the_default_adds(ablate):
-    # the plain recipe: average pooling of one whole map, plain ArcFace, flips only
     cfg = load_config(ablate.ROOT / "configs" / "demo.yaml", ablate.PLAIN)
     assert (cfg.model.pooling, cfg.model.out_indices, cfg.model.stripes, cfg.model.level_norm) == ("avg", [4], 1, False)
     extras = ("label_smoothing", "margin_rare", "species_weight", "pair_weight")
