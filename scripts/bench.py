@@ -334,6 +334,7 @@ def bench_stripes(repeats: int, batch: int = 32) -> None:
 
     for model in models.values():  # the first steps of a process pay for its thread pool and kernel choice
         train_step(model)
+    # no per-turn setup here: each model's setup just hands back its step
     med = interleaved_medians({n: partial(partial, train_step, model) for n, model in models.items()}, repeats)
     for n in (2, 4):
         record(f"cpu_train_step_stripes_{n}_over_1", med[n] / med[1], "x", "stripes 1")
