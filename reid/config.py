@@ -88,6 +88,7 @@ class LossConfig:
     margin_rare: float = 0.0  # extra margin (radians) x count^-1/4: grows for individuals with few photos
     pair_weight: float = 0.0  # weight of a triplet loss on hard pairs mined in the batch, beside the head
     pair_margin: float = 0.1
+    level_weight: float = 0.0  # weight of deep supervision: an ArcFace head on each pooled level alone; 0 off
 
 
 @dataclass
@@ -173,7 +174,7 @@ RANGES = {  # inclusive bounds
     "loss.pair_weight": (0.0, 100.0), "loss.pair_margin": (0.0, 2.0), "train.lr_reference_batch": (0, 65536),
     "train.ema": (0.0, 0.99999), "train.accumulate": (1, 1024), "train.m_per_class": (0, 1024),
     "train.distill_weight": (0.0, 100.0), "train.time_budget_min": (0.0, 1e6),
-    "train.distill_temperature": (1e-3, 100.0),
+    "train.distill_temperature": (1e-3, 100.0), "loss.level_weight": (0.0, 100.0),
     "predict.k": (1, 2048), "predict.threshold": (-2.0, 2.0), "predict.new_share": (0.0, 1.0),
     "predict.query_expansion": (0, 100),
 }

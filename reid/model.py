@@ -108,14 +108,38 @@ class ReidNet(nn.Module):
                                   nn.BatchNorm1d(cfg.embedding_dim))
         self.neck[2].bias.requires_grad_(False)  # BNNeck: a shared offset would pull every embedding one way
         self.species_head = nn.Linear(cfg.embedding_dim, n_species) if n_species else None
+        self.level_channels = channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x)
-        pooled = [pool(f) for pool, f in zip(self.pools, features, strict=True)]
+    def levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The pooled features of each chosen level, (N, channels * stripes) each."""
+        pooled = [pool(f) for pool, f in zip(self.pools, self.backbone(x), strict=True)]
         if self.level_norms is not None:
             pooled = [norm(p) for norm, p in zip(self.level_norms, pooled, strict=True)]
-        pooled = torch.cat(pooled, dim=1)
-        return self.neck(pooled.to(self.neck[1].weight.dtype))
+        return pooled
+
+    def embed(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """The embedding of the pooled levels."""
+        return self.neck(torch.cat(pooled, dim=1).to(self.neck[1].weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.levels(x))
+
+
+class LevelHeads(nn.Module):
+    """Deep supervision: an ArcFace head on each pooled level alone, through a neck of its own, so that the loss
+    reaches the shallow levels directly. Training only: the embedding and the search don't use it."""
+
+    def __init__(self, level_channels: list[int], cfg, num_classes: int, embedding_dim: int, class_counts=None):
+        super().__init__()
+        self.necks = nn.ModuleList(nn.Sequential(nn.Linear(c, embedding_dim), nn.BatchNorm1d(embedding_dim))
+                                   for c in level_channels)
+        self.heads = nn.ModuleList(build_head(cfg, num_classes, embedding_dim, class_counts) for _ in level_channels)
+
+    def forward(self, pooled: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """The mean of the levels' margin losses."""
+        losses = [head_loss(head, neck(p.float()), labels) for neck, head, p in zip(self.necks, self.heads, pooled,
+                                                                                    strict=True)]
+        return torch.stack(losses).mean()
 
 
 class ClassMargin:

@@ -20,7 +20,17 @@ from .config import Config, dump_config, load_config, to_dict
 from .data import SeededSampler, read_boxes, read_train, split_mask
 from .files import load_checkpoint, save_checkpoint, write_csv, write_json, write_text
 from .inference import amp_dtype, autocast, embed_frame, make_loader, memory_format, photo_dataset, resolve_device
-from .model import ReidNet, build_head, distill_loss, head_loss, lr_lambda, pair_loss, param_groups, zero_init_last
+from .model import (
+    LevelHeads,
+    ReidNet,
+    build_head,
+    distill_loss,
+    head_loss,
+    lr_lambda,
+    pair_loss,
+    param_groups,
+    zero_init_last,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,8 @@ class Trainer:
         self.model.to(self.device, memory_format=memory_format(cfg))
         counts = self.train_df.label.value_counts().reindex(range(len(self.classes)), fill_value=1).to_numpy()
         self.head = build_head(cfg.loss, len(self.classes), cfg.model.embedding_dim, counts).to(self.device)
+        self.level_heads = LevelHeads(self.model.level_channels, cfg.loss, len(self.classes), cfg.model.embedding_dim,
+                                      counts).to(self.device) if cfg.loss.level_weight else None
         self.pairs = pair_loss(cfg.loss)
         self.teacher = self._teacher()
         self.ema = self._ema()
@@ -149,7 +161,11 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
         lr = t.lr * (self.loader.batch_size / t.lr_reference_batch if t.lr_reference_batch else 1.0)
-        groups = param_groups(self.model, self.head, lr, t.weight_decay, self.cfg.loss.head_lr_mult)
+        body, heads = torch.nn.ModuleList([self.model]), torch.nn.ModuleList([self.head])
+        if self.level_heads is not None:  # the levels' necks learn as the main neck does, their centres as its centres
+            body.append(self.level_heads.necks)
+            heads.append(self.level_heads.heads)
+        groups = param_groups(body, heads, lr, t.weight_decay, self.cfg.loss.head_lr_mult)
         if t.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         if t.optimizer == "adabound":
@@ -173,7 +189,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "best": self.best,
                 "history": self.history, "config": to_dict(self.cfg),
-                "ema": self.ema.state_dict() if self.ema is not None else {}}
+                "ema": self.ema.state_dict() if self.ema is not None else {},
+                "level_heads": self.level_heads.state_dict() if self.level_heads is not None else {}}
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -184,6 +201,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.level_heads is not None:
+            self.level_heads.load_state_dict(state["level_heads"])
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
         log.info("resumed from %s after epoch %d (best validation MAP@5 %.4f)", path, self.epoch, self.best)
 
@@ -207,8 +226,10 @@ class Trainer:
             return cutmix(x, perm, lam, gen)
         return ricap(x, float(beta.sample()), lam, gen)
 
-    def _loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, emb: torch.Tensor, pooled: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         loss = head_loss(self.head, emb, labels[:, 0])
+        if self.level_heads is not None:
+            loss = loss + self.cfg.loss.level_weight * self.level_heads(pooled, labels[:, 0])
         if self.model.species_head is not None:
             species_logits = self.model.species_head(emb.float())
             loss = loss + self.cfg.loss.species_weight * torch.nn.functional.cross_entropy(species_logits, labels[:, 1])
@@ -217,6 +238,8 @@ class Trainer:
     def train_epoch(self) -> dict:
         self.model.train()
         self.head.train()
+        if self.level_heads is not None:
+            self.level_heads.train()
         self.sampler.epoch = self.epoch
         torch.manual_seed(self.cfg.train.seed * 1000 + self.epoch)  # dropout etc.: same on resume
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.epoch)
@@ -249,8 +272,9 @@ class Trainer:
         x = x.contiguous(memory_format=memory_format(self.cfg))
         x, parts = self._mix(x, gen)
         with autocast(self.device, self.dtype):
-            emb = self.model(x)
-        loss = sum(w * self._loss(emb, labels if perm is None else labels[perm]) for perm, w in parts)
+            pooled = self.model.levels(x)
+            emb = self.model.embed(pooled)
+        loss = sum(w * self._loss(emb, pooled, labels if perm is None else labels[perm]) for perm, w in parts)
         if self.pairs is not None:
             miner, triplet = self.pairs
             with torch.autocast(self.device.type, enabled=False):

@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath
 
 from reid.config import ConfigError, load_config
-from reid.model import GeM, ModelError, ReidNet, build_head, param_groups
+from reid.model import GeM, LevelHeads, ModelError, ReidNet, build_head, param_groups
 
 
 def test_gem_matches_its_formula():
@@ -45,6 +45,23 @@ def test_multi_level_model_output_shape():
     assert len(model.pools) == 3
     assert model(torch.rand(3, 3, 64, 64)).shape == (3, 24)
     assert model.neck[1].in_features == sum(model.backbone.feature_info.channels())
+
+
+def test_level_heads_send_a_loss_to_each_level_of_its_own_and_leave_the_embedding_alone():
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1, 2, 3]",
+                             "model.embedding_dim=8", "model.stripes=2"])
+    torch.manual_seed(0)
+    model = ReidNet(cfg.model).train()
+    x, labels = torch.rand(6, 3, 64, 64), torch.tensor([0, 0, 1, 1, 2, 2])
+    pooled = model.levels(x)
+    assert [p.shape[1] for p in pooled] == model.level_channels
+    assert torch.allclose(model.embed(pooled), model(x), atol=1e-5)  # BatchNorm in train mode: same batch, same out
+    heads = LevelHeads(model.level_channels, cfg.loss, 3, 4)
+    assert len(heads.heads) == 3 and heads.necks[0][0].in_features == model.level_channels[0]
+    levels = [p.detach().requires_grad_() for p in pooled]
+    loss = heads(levels, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad.abs().sum() > 0 for p in levels)
 
 
 @pytest.mark.parametrize("level_norm", [False, True])

@@ -12,7 +12,7 @@ from reid.cli import main
 from reid.config import load_config
 from reid.data import SeededSampler, build_transform
 from reid.model import build_head, class_margins, distill_loss, zero_init_last
-from reid.train import batch_side, cutmix, ricap
+from reid.train import Trainer, batch_side, cutmix, ricap
 from tests.conftest import TINY
 
 
@@ -128,7 +128,7 @@ def test_jitter_strength_scales_the_affine_and_colour_ranges_and_zero_leaves_the
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
     ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16", "model.stripes=2"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
-     "loss.pair_weight=0.5", "train.m_per_class=4"],
+     "loss.pair_weight=0.5", "train.m_per_class=4", "loss.level_weight=0.5"],
     ["train.optimizer=sgd", "train.lr_reference_batch=64", "train.zero_init_last=true", "train.ema=0.9",
      "train.accumulate=2", "train.schedule=step"],
 ])
@@ -136,6 +136,20 @@ def test_switches_train_end_to_end(tmp_path, tiny_set, switches):
     run = tmp_path / "r"
     assert main(["train", "--out", str(run), f"data.root={tiny_set}", *TINY, "train.epochs=1", *switches]) == 0
     assert (run / "best.pt").is_file()
+
+
+def test_level_heads_are_checkpointed_and_restored(tmp_path, tiny_set):
+    from reid.files import load_checkpoint
+
+    run, overrides = tmp_path / "r", [f"data.root={tiny_set}", *TINY, "train.epochs=1", "loss.level_weight=0.5"]
+    assert main(["train", "--out", str(run), *overrides]) == 0
+    saved = load_checkpoint(run / "last.pt")["level_heads"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "again")
+    fresh = {k: v.clone() for k, v in trainer.level_heads.state_dict().items()}
+    trainer.load(run / "last.pt")
+    restored = trainer.level_heads.state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in saved.items())
+    assert any(not torch.equal(fresh[k], v) for k, v in saved.items())  # trained: the load changed something
 
 
 def test_adabound_and_distillation_from_a_teacher(tmp_path, tiny_set):
