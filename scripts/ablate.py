@@ -22,7 +22,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 # the plain recipe whatever configs/demo.yaml adds: average pooling of one whole map, ArcFace, flips only
-PLAIN = ["model.pooling=avg", "model.out_indices=[4]", "model.stripes=1", "aug.color=0", "aug.affine=0"]
+PLAIN = ["model.pooling=avg", "model.out_indices=[4]", "model.stripes=1", "aug.color=0", "aug.affine=0",
+         "loss.level_weight=0"]
 # SGD needs its own rate, decay and clipping; at lr 0.3 it wins on reid synth and loses on docs/heldout.md
 SGD = ["train.optimizer=sgd", "train.lr=0.3", "train.weight_decay=0.0005", "train.grad_clip=1"]
 SGD_01 = ["train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=0.0005", "train.grad_clip=5"]
@@ -49,6 +50,7 @@ RECIPES = {  # name -> overrides of configs/demo.yaml
     "+ EMA of weights (0.99)": ["train.ema=0.99"],
     "+ m-per-class batches (4)": ["train.m_per_class=4"],
     "+ mined triplet loss (0.5)": ["loss.pair_weight=0.5"],
+    "+ level heads (0.5)": ["loss.level_weight=0.5"],
     "+ distillation from the demo run": ["train.teacher=runs/demo", "train.distill_weight=1.0"],
 }
 
