@@ -194,6 +194,10 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
+        if bool(state.get("level_heads")) != (self.level_heads is not None):  # else the optimizer's groups won't fit
+            has = "with" if state.get("level_heads") else "without"
+            raise RunError(f"{path} was trained {has} loss.level_weight, unlike this config: resume it with its own "
+                           "config (no --config), or train again with --force")
         self.model.load_state_dict(state["model"])
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -12,7 +12,7 @@ from reid.cli import main
 from reid.config import load_config
 from reid.data import SeededSampler, build_transform
 from reid.model import build_head, class_margins, distill_loss, zero_init_last
-from reid.train import Trainer, batch_side, cutmix, ricap
+from reid.train import RunError, Trainer, batch_side, cutmix, ricap
 from tests.conftest import TINY
 
 
@@ -150,6 +150,10 @@ def test_level_heads_are_checkpointed_and_restored(tmp_path, tiny_set):
     restored = trainer.level_heads.state_dict()
     assert all(torch.equal(restored[k], v) for k, v in saved.items())
     assert any(not torch.equal(fresh[k], v) for k, v in saved.items())  # trained: the load changed something
+    plain = tmp_path / "plain"
+    assert main(["train", "--out", str(plain), *overrides[:-1]]) == 0
+    with pytest.raises(RunError, match="trained without loss.level_weight"):
+        trainer.load(plain / "last.pt")
 
 
 def test_adabound_and_distillation_from_a_teacher(tmp_path, tiny_set):
