@@ -137,9 +137,8 @@ class LevelHeads(nn.Module):
 
     def forward(self, pooled: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """The mean of the levels' margin losses."""
-        losses = [head_loss(head, neck(p.float()), labels) for neck, head, p in zip(self.necks, self.heads, pooled,
-                                                                                    strict=True)]
-        return torch.stack(losses).mean()
+        levels = zip(self.necks, self.heads, pooled, strict=True)
+        return torch.stack([head_loss(head, neck(p.float()), labels) for neck, head, p in levels]).mean()
 
 
 class ClassMargin:
