@@ -198,6 +198,15 @@ class Trainer:
             has = "with" if state.get("level_heads") else "without"
             raise RunError(f"{path} was trained {has} loss.level_weight, unlike this config: resume it with its own "
                            "config (no --config), or train again with --force")
+        try:
+            self._restore(state)
+        except (RuntimeError, ValueError) as err:  # weights or optimizer groups of another shape than this config's
+            raise RunError(f"{path} does not fit the run this config builds ({str(err).strip().splitlines()[0]}): "
+                           "resume it with its own config (no --config), or train again with --force") from err
+        self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
+        log.info("resumed from %s after epoch %d (best validation MAP@5 %.4f)", path, self.epoch, self.best)
+
+    def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -207,8 +216,6 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.level_heads is not None:
             self.level_heads.load_state_dict(state["level_heads"])
-        self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
-        log.info("resumed from %s after epoch %d (best validation MAP@5 %.4f)", path, self.epoch, self.best)
 
     # ------------------------------------------------------------ loop
 

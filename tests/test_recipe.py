@@ -154,6 +154,9 @@ def test_level_heads_are_checkpointed_and_restored(tmp_path, tiny_set):
     assert main(["train", "--out", str(plain), *overrides[:-1]]) == 0
     with pytest.raises(RunError, match="trained without loss.level_weight"):
         trainer.load(plain / "last.pt")
+    species = Trainer(load_config(None, [*overrides[:-1], "loss.species_weight=0.3"]), tmp_path / "species")
+    with pytest.raises(RunError, match="does not fit the run this config builds"):  # one line, not torch's traceback
+        species.load(plain / "last.pt")
 
 
 def test_adabound_and_distillation_from_a_teacher(tmp_path, tiny_set):
