@@ -130,6 +130,7 @@ class PredictConfig:
     new_share: float | None = None  # share policy: target share of new-first answers (None: as on validation)
     query_expansion: int = 0  # average each query with its top-n gallery neighbours (0: off)
     rerank: bool = False  # k-reciprocal re-ranking (kept only where it helps on the holdout)
+    centre_weight: float = 0.0  # share of the ArcFace class centres' cosine in a candidate's score (0: photos only)
 
 
 @dataclass
@@ -176,7 +177,7 @@ RANGES = {  # inclusive bounds
     "train.distill_weight": (0.0, 100.0), "train.time_budget_min": (0.0, 1e6),
     "train.distill_temperature": (1e-3, 100.0), "loss.level_weight": (0.0, 100.0),
     "predict.k": (1, 2048), "predict.threshold": (-2.0, 2.0), "predict.new_share": (0.0, 1.0),
-    "predict.query_expansion": (0, 100),
+    "predict.query_expansion": (0, 100), "predict.centre_weight": (0.0, 1.0),
 }
 
 

@@ -180,6 +180,12 @@ def build_head(cfg, num_classes: int, embedding_dim: int, class_counts=None) -> 
     return head
 
 
+def class_centres(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's class centres, L2-normalized, (classes * sub-centres, D), and the class of each row."""
+    w = torch.nn.functional.normalize(head.W.detach().float().t(), dim=1).cpu()
+    return w, torch.arange(head.num_classes).repeat_interleave(w.shape[0] // head.num_classes)
+
+
 def pair_loss(cfg) -> tuple[nn.Module, nn.Module] | None:
     """A triplet loss on the hard pairs a multi-similarity miner finds in the batch, or None when off."""
     if not cfg.pair_weight:

@@ -13,7 +13,7 @@ from . import retrieval
 from .cache import from_config as cache_from_config
 from .config import Config, load_config
 from .data import list_test, read_boxes, read_train
-from .files import write_csv
+from .files import load_checkpoint, write_csv
 from .inference import embed_frame, memory_format, resolve_device
 from .submission import write_submission
 from .train import RunError, load_run
@@ -63,8 +63,10 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     labels = gallery_df.individual_id.to_numpy()
     tuned = load_tuned(runs[0], cfg)
     qe, rerank = holdout_switches(cfg, tuned)
+    centres = run_centres(runs, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
-                                     cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank)
+                                     cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
+                                     cfg.predict.centre_weight)
     species_of = dict(zip(gallery_df.individual_id, gallery_df.species, strict=True))
     groups = np.array([species_of.get(i, "") for i in ids[:, 0]])
     thresholds = retrieval.policy_thresholds(cfg.predict.policy, sims, tuned, groups, cfg.predict.new_share)
@@ -89,6 +91,19 @@ def holdout_switches(cfg: Config, tuned: dict) -> tuple[int, bool]:
         if asked and not used:
             log.info("%s is off: it did not help on the holdout", name)
     return qe, rerank
+
+
+def run_centres(runs: list[Path], individuals: set) -> tuple[np.ndarray, np.ndarray] | None:
+    """The class centres of a single run and their individual ids, those in the gallery only (a centre cannot
+    name an individual the catalogue lacks); None for an ensemble, whose joined embeddings no one head trained."""
+    meta = load_checkpoint(runs[0] / "best.pt") if len(runs) == 1 else {}
+    if "centres" not in meta:
+        log.info("predict.centre_weight is off: %s", "best.pt has no centres" if meta else "an ensemble of runs")
+        return None
+    classes = np.asarray(json.loads((runs[0] / "labels.json").read_text())["classes"], dtype=object)
+    ids = classes[meta["centre_rows"].numpy()]
+    keep = np.isin(ids, list(individuals))
+    return meta["centres"].numpy()[keep], ids[keep]
 
 
 def load_tuned(run: Path, cfg: Config) -> dict:

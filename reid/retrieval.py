@@ -239,10 +239,35 @@ def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, scores: np.nda
     return np.take_along_axis(new, order, 1), np.take_along_axis(indices, order, 1)
 
 
+def blend_centres(queries: np.ndarray, ids: np.ndarray, sims: np.ndarray, centres: np.ndarray, centre_ids: np.ndarray,
+                  weight: float, k: int = 50, index: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank each query's candidate individuals by (1 - weight) * photo similarity + weight * cosine to the
+    individual's trained class centre (the ArcFace weights; sub-centres: the best one). A candidate missing from
+    one of the two top-k lists takes that list's lowest score for the query; one without a centre (not in the
+    training split) keeps its photo similarity. Returns the top five (ids, sims)."""
+    c_scores, c_idx = search(queries, centres, k, kind=index)
+    has_centre = set(centre_ids.tolist())
+    out_ids, out_sims = np.full((len(ids), TOP), "", dtype=object), np.full((len(ids), TOP), -np.inf, np.float32)
+    for q in range(len(ids)):
+        photo = {i: float(s) for i, s in zip(ids[q], sims[q], strict=True) if i}
+        centre: dict = {}
+        for s, j in zip(c_scores[q], c_idx[q], strict=True):
+            if j >= 0:
+                centre.setdefault(centre_ids[j], float(s))  # sorted: the first is an individual's best sub-centre
+        p_low, c_low = min(photo.values(), default=-1.0), min(centre.values(), default=-1.0)
+        score = {i: (1 - weight) * photo.get(i, p_low)
+                 + weight * (centre.get(i, c_low) if i in has_centre else photo.get(i, p_low)) for i in photo | centre}
+        best = sorted(score.items(), key=lambda kv: -kv[1])[:TOP]
+        out_ids[q, : len(best)], out_sims[q, : len(best)] = [i for i, _ in best], [s for _, s in best]
+    return out_ids, out_sims
+
+
 def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int = 50, gallery_mode: str = "photo",
-               index: str = "flat", query_expansion: int = 0, rerank: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               index: str = "flat", query_expansion: int = 0, rerank: bool = False, centres=None,
+               centre_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Top individuals per query (ids, sims), from a photo gallery or one mean vector per individual,
-    optionally after query expansion and k-reciprocal re-ranking."""
+    optionally after query expansion and k-reciprocal re-ranking, and blended with the class centres
+    (`centres`: (vectors, ids)) at `centre_weight`."""
     if gallery_mode == "individual":
         gallery, labels = individual_gallery(gallery, labels)
     scores, indices = search(queries, gallery, k, kind=index)
@@ -251,4 +276,7 @@ def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: 
         scores, indices = search(queries, gallery, k, kind=index)
     if rerank:
         scores, indices = k_reciprocal_rerank(queries, gallery, scores, indices, index=index)
-    return rank_individuals(scores, indices, labels)
+    if centres is None or not centre_weight:
+        return rank_individuals(scores, indices, labels)
+    ids, sims = rank_individuals(scores, indices, labels, top=k)
+    return blend_centres(queries, ids, sims, *centres, centre_weight, k, index)

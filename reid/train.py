@@ -24,6 +24,7 @@ from .model import (
     LevelHeads,
     ReidNet,
     build_head,
+    class_centres,
     distill_loss,
     head_loss,
     lr_lambda,
@@ -352,8 +353,10 @@ class Trainer:
         queries, _ = embed_frame(model, val, self.cfg, self.boxes, self.device, self.cache, "validation")
         truths = np.where(val.label >= 0, val.individual_id, retrieval.NEW).tolist()
         labels = self.train_df.individual_id.to_numpy()
+        vectors, rows = class_centres(self.head)
         tuned = tune_policies(queries, gallery, labels, truths, self.cfg.predict,
-                              dict(zip(self.train_df.individual_id, self.train_df.species, strict=True)))
+                              dict(zip(self.train_df.individual_id, self.train_df.species, strict=True)),
+                              (vectors.numpy(), np.asarray(self.classes, dtype=object)[rows.numpy()]))
         return {"val_map5": tuned["map5"], "val_threshold": tuned["threshold"],
                 "val_map5_known": tuned["map5_known"], "val_map5_new": tuned["map5_new"], "_tuned": tuned}
 
@@ -388,8 +391,10 @@ class Trainer:
         plot_metrics(self.history, self.out / "metrics.png")
 
     def _save_best(self, tuned: dict) -> None:
+        centres, rows = class_centres(self.head)
         save_checkpoint(self.out / "best.pt", {"model": self.eval_model.state_dict(), "epoch": self.epoch,
-                                               "threshold": tuned["threshold"], "val_map5": tuned["map5"]})
+                                               "threshold": tuned["threshold"], "val_map5": tuned["map5"],
+                                               "centres": centres, "centre_rows": rows})
         write_json(self.out / "threshold.json", {"policy": "similarity", "epoch": self.epoch, **tuned})
         if tuned["grid"]:
             from .report import plot_threshold
@@ -442,11 +447,12 @@ def ricap(x: torch.Tensor, bw: float, bh: float, gen: torch.Generator) -> tuple[
 
 
 def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, truths: list[str], pcfg,
-                  species_of: dict[str, str]) -> dict:
+                  species_of: dict[str, str], centres: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Validation MAP@5 under each new_individual policy, with what predict needs to apply them to test photos:
     the tuned threshold and its curve, the new-first share it gives, per-species thresholds, and whether query
-    expansion helped."""
-    kw = {"k": pcfg.k, "gallery_mode": pcfg.gallery, "index": pcfg.index}
+    expansion helped. `centres`: the class centres and their individual ids, blended in at predict.centre_weight."""
+    kw = {"k": pcfg.k, "gallery_mode": pcfg.gallery, "index": pcfg.index, "centres": centres,
+          "centre_weight": pcfg.centre_weight}
     ids, sims = retrieval.candidates(queries, gallery, labels, **kw)
     tuned = retrieval.tune_threshold(ids, sims, truths)
     for switch, value in (("query_expansion", pcfg.query_expansion), ("rerank", pcfg.rerank)):

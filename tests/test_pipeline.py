@@ -65,6 +65,26 @@ def test_predict_then_evaluate(trained, tiny_set, tmp_path, capsys):
     assert not pd.read_csv(sub).predictions.str.startswith("new_individual").any()
 
 
+def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_path):
+    from reid.data import list_test, read_train
+    from reid.predict import ensemble_embeddings
+
+    classes = json.loads((trained / "labels.json").read_text())["classes"]
+    centres = load_checkpoint(trained / "best.pt")["centres"].numpy()
+    assert len(centres) == len(classes) and np.allclose(np.linalg.norm(centres, axis=1), 1, atol=1e-5)
+    out = tmp_path / "c.csv"
+    assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(out),
+                 "predict.centre_weight=1"]) == 0
+    test, gallery = list_test(tiny_set), read_train(tiny_set)
+    _, emb, _ = ensemble_embeddings([trained], {"test": test, "gallery": gallery}, [])
+    # at weight 1 an individual scores its centre's cosine, or without a centre (validation only) its best photo's
+    photo = pd.DataFrame(emb["test"] @ emb["gallery"].T, columns=gallery.individual_id).T.groupby(level=0).max().T
+    photo[classes] = emb["test"] @ centres.T
+    first = pd.read_csv(tmp_path / "c_candidates.csv").query("rank == 1").set_index("image").loc[test.image]
+    assert np.allclose(first.similarity, photo.max(axis=1), atol=1e-3)
+    assert (first.individual_id.to_numpy() == photo.idxmax(axis=1).to_numpy()).mean() > 0.9  # ties may swap
+
+
 def test_threshold_override_and_real_layout_without_boxes(trained, tiny_set, tmp_path):
     """A Kaggle folder has no crops.csv: the same command uses the whole photos."""
     data = tmp_path / "kaggle"

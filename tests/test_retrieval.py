@@ -138,3 +138,37 @@ def test_k_reciprocal_rerank_promotes_mutual_neighbours():
     assert set(new_idx[0, :4].tolist()) == {0, 1, 2, 3} and (np.diff(new_scores[0]) <= 1e-6).all()
     same_scores, same_idx = r.k_reciprocal_rerank(query, gallery, scores, idx, k1=5, lam=0.0)
     assert (same_idx == idx).all() and np.allclose(same_scores, scores)
+
+
+def _unit(cos: float) -> list[float]:
+    return [cos, float(np.sqrt(1 - cos ** 2))]
+
+
+def test_blend_centres_hand_made():
+    q = np.array([[1.0, 0.0]], np.float32)
+    ids, sims = np.array([["a", "b", "d"]], dtype=object), np.array([[0.9, 0.8, 0.85]], np.float32)
+    # "b" has two sub-centres (the better counts), "c" has a centre but no photo among the candidates, "d" no centre
+    centres = np.array([_unit(0.2), _unit(0.95), _unit(0.5), _unit(0.99)], np.float32)
+    centre_ids = np.array(["a", "b", "b", "c"], dtype=object)
+    out_ids, out_sims = r.blend_centres(q, ids, sims, centres, centre_ids, 0.5, k=4)
+    # a: (0.9 + 0.2) / 2; b: (0.8 + 0.95) / 2; c: photo floor 0.8 with 0.99; d: no centre, keeps 0.85
+    assert out_ids[0, :4].tolist() == ["c", "b", "d", "a"] and out_ids[0, 4] == ""
+    assert out_sims[0, :4].tolist() == pytest.approx([0.895, 0.875, 0.85, 0.55], abs=1e-5)
+    same_ids, same_sims = r.blend_centres(q, ids, sims, centres, centre_ids, 0.0, k=4)
+    assert same_ids[0, :3].tolist() == ["a", "d", "b"] and same_sims[0, :3].tolist() == pytest.approx([0.9, 0.85, 0.8])
+
+
+def test_candidates_with_centres_fix_a_misleading_photo():
+    from types import SimpleNamespace
+
+    from reid.train import tune_policies
+
+    # the query's nearest photo is of "b" (0.8 against 0.6), but the class centre of "a" is far the nearer one
+    query = np.array([[1.0, 0.0, 0.0]], np.float32)
+    gallery, labels = np.array([[0.6, 0.8, 0.0], [0.8, 0.0, 0.6]], np.float32), np.array(["a", "b"], dtype=object)
+    centres = np.array([[0.95, np.sqrt(1 - 0.95 ** 2), 0.0], [0.1, 0.0, np.sqrt(0.99)]], np.float32)
+    pcfg = SimpleNamespace(k=2, gallery="photo", index="flat", centre_weight=0.0, query_expansion=0, rerank=False,
+                           policy="similarity")
+    assert tune_policies(query, gallery, labels, ["a"], pcfg, {}, (centres, labels))["map5"] == 0.5
+    pcfg.centre_weight = 0.5
+    assert tune_policies(query, gallery, labels, ["a"], pcfg, {}, (centres, labels))["map5"] == 1.0
