@@ -203,3 +203,11 @@ def test_data_flag_applies_without_a_config_file(tmp_path, tiny_set):
     run = tmp_path / "r"
     assert main(["train", "--out", str(run), "--data", str(tiny_set), *TINY, "train.epochs=1"]) == 0
     assert f"root: {tiny_set}" in (run / "config.yaml").read_text()
+
+
+def test_rescore_searches_one_checkpoint_each_way(trained, load_script):
+    rows = load_script("rescore").rescore(trained, ["predict.centre_weight=0", "predict.centre_weight=1"])
+    last = pd.read_csv(trained / "metrics.csv").iloc[-1]
+    assert rows[0]["val_map5"] == pytest.approx(last.val_map5)  # the search the run was validated with
+    assert [r["setting"] for r in rows] == ["predict.centre_weight=0", "predict.centre_weight=1"]
+    assert all(0 <= r["val_map5"] <= 1 for r in rows)

@@ -1,0 +1,43 @@
+"""Validation MAP@5 of finished runs under other search settings, from the weights they already have: the same
+checkpoint (last.pt: model and class centres) searched each way, so a search-time choice is compared without training.
+
+    python scripts/rescore.py RUN [RUN ...] [--set predict.centre_weight=0 predict.centre_weight=0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from reid.config import load_config
+from reid.train import Trainer
+
+
+def rescore(run: Path, settings: list[str]) -> list[dict]:
+    """One row per setting: the run's validation MAP@5 (all, known, new) with that one override."""
+    rows = []
+    for setting in settings:
+        cfg = load_config(run / "config.yaml", [setting, "data.num_workers=0"])
+        trainer = Trainer(cfg, run)
+        trainer.load(run / "last.pt")  # weights, centres and the EMA copy that validation uses
+        score = trainer.validate()
+        rows.append({"run": str(run), "seed": cfg.train.seed, "setting": setting, "val_map5": score["val_map5"],
+                     "val_map5_known": score["val_map5_known"], "val_map5_new": score["val_map5_new"]})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--set", nargs="+", default=["predict.centre_weight=0", "predict.centre_weight=0.5"],
+                   help="config overrides, one search setting each")
+    args = p.parse_args()
+    print("run,seed,setting,val_map5,val_map5_known,val_map5_new")
+    for run in args.runs:
+        for r in rescore(run, args.set):
+            print(f"{r['run']},{r['seed']},{r['setting']},{r['val_map5']:.4f},{r['val_map5_known']:.4f},"
+                  f"{r['val_map5_new']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
