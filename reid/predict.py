@@ -64,6 +64,7 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     tuned = load_tuned(runs[0], cfg)
     qe, rerank = holdout_switches(cfg, tuned)
     centres = run_centres(runs, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
+    check_centre_weight(cfg.predict.centre_weight if centres is not None else 0.0, tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
                                      cfg.predict.centre_weight)
@@ -104,6 +105,14 @@ def run_centres(runs: list[Path], individuals: set) -> tuple[np.ndarray, np.ndar
     ids = classes[meta["centre_rows"].numpy()]
     keep = np.isin(ids, list(individuals))
     return meta["centres"].numpy()[keep], ids[keep]
+
+
+def check_centre_weight(used: float, tuned: dict, cfg: Config) -> None:
+    """Warn when the search blends the centres at another weight than the one its threshold was tuned with."""
+    tuned_at = tuned.get("centre_weight", 0.0)
+    if abs(used - tuned_at) > 1e-9 and cfg.predict.threshold is None:
+        log.warning("the threshold was tuned with predict.centre_weight=%g and is applied at %g: similarities shift "
+                    "with the weight, so set predict.threshold or train with this weight", tuned_at, used)
 
 
 def load_tuned(run: Path, cfg: Config) -> dict:

@@ -480,6 +480,7 @@ def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, 
         if policy == pcfg.policy:
             tuned.update(map5_known=split["map5_known"], map5_new=split["map5_new"])
     tuned["map5"] = tuned[f"map5_{pcfg.policy}"]
+    tuned["centre_weight"] = pcfg.centre_weight if centres is not None else 0.0
     return tuned
 
 

@@ -4,6 +4,7 @@ kill -9, run folders that are never overwritten silently, and determinism on CPU
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -65,7 +66,7 @@ def test_predict_then_evaluate(trained, tiny_set, tmp_path, capsys):
     assert not pd.read_csv(sub).predictions.str.startswith("new_individual").any()
 
 
-def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_path):
+def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_path, caplog):
     from reid.data import list_test, read_train
     from reid.predict import ensemble_embeddings
 
@@ -73,8 +74,10 @@ def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_p
     centres = load_checkpoint(trained / "best.pt")["centres"].numpy()
     assert len(centres) == len(classes) and np.allclose(np.linalg.norm(centres, axis=1), 1, atol=1e-5)
     out = tmp_path / "c.csv"
-    assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(out),
-                 "predict.centre_weight=1"]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(out),
+                     "predict.centre_weight=1"]) == 0
+    assert "tuned with predict.centre_weight=0 and is applied at 1" in caplog.text  # the run validated on photos
     test, gallery = list_test(tiny_set), read_train(tiny_set)
     _, emb, _ = ensemble_embeddings([trained], {"test": test, "gallery": gallery}, [])
     # at weight 1 an individual scores its centre's cosine, or without a centre (validation only) its best photo's
