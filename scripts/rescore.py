@@ -14,14 +14,16 @@ from reid.train import Trainer
 
 
 def rescore(run: Path, settings: list[str]) -> list[dict]:
-    """One row per setting: the run's validation MAP@5 (all, known, new) with that one override."""
+    """One row per setting: the run's validation MAP@5 (all, known, new) with that one `predict.*` override."""
+    if bad := [x for x in settings if not x.startswith("predict.")]:
+        raise SystemExit(f"rescore: {bad[0]!r} is not a search setting; only predict.* keys change without training")
+    trainer = Trainer(load_config(run / "config.yaml", ["data.num_workers=0"]), run)  # built once for all settings
+    trainer.load(run / "last.pt")  # weights, centres and the EMA copy that validation uses
     rows = []
     for setting in settings:
-        cfg = load_config(run / "config.yaml", [setting, "data.num_workers=0"])
-        trainer = Trainer(cfg, run)
-        trainer.load(run / "last.pt")  # weights, centres and the EMA copy that validation uses
+        trainer.cfg.predict = load_config(run / "config.yaml", [setting]).predict
         score = trainer.validate()
-        rows.append({"run": str(run), "seed": cfg.train.seed, "setting": setting, "val_map5": score["val_map5"],
+        rows.append({"run": str(run), "seed": trainer.cfg.train.seed, "setting": setting, "val_map5": score["val_map5"],
                      "val_map5_known": score["val_map5_known"], "val_map5_new": score["val_map5_new"]})
     return rows
 
