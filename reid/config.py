@@ -122,6 +122,7 @@ class TrainConfig:
 class PredictConfig:
     batch_size: int = 64
     flip_tta: bool = True
+    tta_scales: list[float] = field(default_factory=list)  # multi-size TTA: sides as shares of image_size (empty: 1)
     k: int = 50  # neighbours fetched per query
     threshold: float | None = None  # None: the threshold tuned on validation
     gallery: str = "photo"  # photo | individual (mean embedding per individual)
@@ -233,6 +234,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{key}' must be between {lo} and {hi}, got {value!r}")
     if cfg.data.crop_probs and len(cfg.data.crop_probs) != len(cfg.data.crops):
         raise ConfigError("config key 'data.crop_probs' needs one probability per entry of 'data.crops'")
+    if any(not 0.25 <= x <= 4 for x in cfg.predict.tta_scales):
+        raise ConfigError(f"config key 'predict.tta_scales' takes shares of data.image_size between 0.25 and 4, "
+                          f"got {cfg.predict.tta_scales}")
     if cfg.split.fold >= cfg.split.folds:
         raise ConfigError(f"config key 'split.fold' must be below split.folds={cfg.split.folds}")
     if cfg.aug.progressive and cfg.aug.multiscale:

@@ -1,4 +1,4 @@
-"""Turning photos into normalized embeddings: datasets from the config, loaders, flip-TTA embedding."""
+"""Turning photos into normalized embeddings: datasets from the config, loaders, flip and multi-size TTA."""
 
 from __future__ import annotations
 
@@ -59,24 +59,40 @@ def memory_format(cfg) -> torch.memory_format:
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
+def resize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The batch at `scale` times its side (bilinear; antialiased when shrinking)."""
+    if scale == 1.0:
+        return x
+    side = max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale))
+    return torch.nn.functional.interpolate(x, size=side, mode="bilinear", align_corners=False, antialias=scale < 1)
+
+
+def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip_tta: bool = True, scales=(1.0,),
+                layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """L2-normalized mean of the normalized embeddings of the batch at each scale, and of its mirror with flip TTA."""
+    e = 0.0
+    for scale in scales or (1.0,):
+        xs = resize(x, scale).contiguous(memory_format=layout)
+        e = e + torch.nn.functional.normalize(model(xs).float(), dim=1)
+        if flip_tta:
+            e = e + torch.nn.functional.normalize(model(torch.flip(xs, dims=[3])).float(), dim=1)
+    return torch.nn.functional.normalize(e, dim=1)
+
+
 @torch.no_grad()
 def embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, flip_tta: bool = True,
           dtype: torch.dtype | None = None, desc: str = "embed",
-          layout: torch.memory_format = torch.contiguous_format) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) float32, L2-normalized, with flip TTA the mean of the photo's and its mirror's embeddings;
-    and an (N,) mask of the photos that could be read."""
+          layout: torch.memory_format = torch.contiguous_format, scales=(1.0,)) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32, L2-normalized: the mean over `scales` (multi-size TTA) of the photo's embedding, with flip
+    TTA averaged with its mirror's; and an (N,) mask of the photos that could be read."""
     from tqdm import tqdm
 
     model.eval()
     out, ok = [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         x = batch["images"].to(device, non_blocking=True)
-        x = x.contiguous(memory_format=layout)
         with autocast(device, dtype):
-            e = torch.nn.functional.normalize(model(x).float(), dim=1)
-            if flip_tta:
-                e = e + torch.nn.functional.normalize(model(torch.flip(x, dims=[3])).float(), dim=1)
-        out.append(torch.nn.functional.normalize(e, dim=1).cpu())
+            out.append(embed_batch(model, x, flip_tta, scales, layout).cpu())
         ok.append(batch["indices"] >= 0)
     if not out:
         return np.zeros((0, 0), np.float32), np.zeros(0, bool)
@@ -88,4 +104,5 @@ def embed_frame(model, df: pd.DataFrame, cfg, boxes: list[dict], device: torch.d
     """Embeddings and readable-mask of the photos of `df` (evaluation transform, no jitter)."""
     dataset = photo_dataset(df, cfg, boxes, False, cache=cache, on_error=on_error)
     loader = make_loader(dataset, cfg, device, cfg.predict.batch_size)
-    return embed(model, loader, device, cfg.predict.flip_tta, amp_dtype(cfg, device), desc, memory_format(cfg))
+    return embed(model, loader, device, cfg.predict.flip_tta, amp_dtype(cfg, device), desc, memory_format(cfg),
+                 cfg.predict.tta_scales)

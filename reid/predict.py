@@ -19,6 +19,7 @@ from .submission import write_submission
 from .train import RunError, load_run
 
 log = logging.getLogger(__name__)
+SEARCH_DEFAULTS = {"centre_weight": 0.0, "tta_scales": []}  # what a threshold.json without the key was tuned at
 
 
 def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,
@@ -64,7 +65,8 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     tuned = load_tuned(runs[0], cfg)
     qe, rerank = holdout_switches(cfg, tuned)
     centres = run_centres(runs, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
-    check_centre_weight(cfg.predict.centre_weight if centres is not None else 0.0, tuned, cfg)
+    check_search({"centre_weight": cfg.predict.centre_weight if centres is not None else 0.0,
+                  "tta_scales": cfg.predict.tta_scales}, tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
                                      cfg.predict.centre_weight)
@@ -107,12 +109,14 @@ def run_centres(runs: list[Path], individuals: set) -> tuple[np.ndarray, np.ndar
     return meta["centres"].numpy()[keep], ids[keep]
 
 
-def check_centre_weight(used: float, tuned: dict, cfg: Config) -> None:
-    """Warn when the search blends the centres at another weight than the one its threshold was tuned with."""
-    tuned_at = tuned.get("centre_weight", 0.0)
-    if abs(used - tuned_at) > 1e-9 and cfg.predict.threshold is None:
-        log.warning("the threshold was tuned with predict.centre_weight=%g and is applied at %g: similarities shift "
-                    "with the weight, so set predict.threshold or train with this weight", tuned_at, used)
+def check_search(used: dict, tuned: dict, cfg: Config) -> None:
+    """Warn for each search setting (centre weight, TTA sides) that differs from the one the threshold was tuned
+    with: similarities shift with them."""
+    for key, value in used.items():
+        tuned_at = tuned.get(key, SEARCH_DEFAULTS[key])
+        if tuned_at != value and cfg.predict.threshold is None:
+            log.warning("the threshold was tuned with predict.%s=%s and is applied at %s: similarities shift with it, "
+                        "so set predict.threshold or train with this setting", key, tuned_at, value)
 
 
 def load_tuned(run: Path, cfg: Config) -> dict:

@@ -12,7 +12,7 @@ def test_defaults_and_overrides_apply():
 @pytest.mark.parametrize("override, key", [
     ("train.epoch=3", "train.epoch"), ("trian.epochs=3", "trian"), ("train.epochs=three", "train.epochs"),
     ("train.lr=-1", "train.lr"), ("loss.head=cosface", "loss.head"), ("model.out_indices=3", "model.out_indices"),
-    ("train.amp=1", "train.amp"), ("split.fold=7", "split.fold"),
+    ("train.amp=1", "train.amp"), ("split.fold=7", "split.fold"), ("predict.tta_scales=[1, 0.1]", "predict.tta_scales"),
 ])
 def test_bad_key_or_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -183,3 +183,23 @@ def test_channels_last_layout_embeds_the_same_photos_alike():
     fast, _ = embed(model, batches, torch.device("cpu"), layout=torch.channels_last)
     assert ok.all() and fast.shape == (3, 8)
     np.testing.assert_allclose(fast, plain, atol=1e-4)
+
+
+def test_multi_size_tta_averages_the_normalized_embeddings_at_each_side():
+    from reid.inference import embed, embed_batch, resize
+
+    x = torch.rand(2, 3, 64, 64)
+    assert resize(x, 1.0) is x and resize(x, 0.875).shape[-2:] == (56, 56) and resize(x, 1.125).shape[-1] == 72
+    model = ReidNet(load_config(None, ["model.backbone=test_efficientnet", "model.embedding_dim=8"]).model).eval()
+    unit = lambda e: torch.nn.functional.normalize(e, dim=1)  # noqa: E731
+    with torch.no_grad():
+        one = unit(unit(model(x)) + unit(model(torch.flip(x, dims=[3]))))  # flip TTA alone, as before the switch
+        sides = [unit(model(torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=s < 64)))
+                 for s in (56, 64, 72)]
+        torch.testing.assert_close(embed_batch(model, x), one)
+        torch.testing.assert_close(embed_batch(model, x, False, (0.875, 1.0, 1.125)), unit(sum(sides)))
+    batches = [{"images": x, "indices": torch.arange(2)}]
+    single, _ = embed(model, batches, torch.device("cpu"), flip_tta=False)
+    multi, _ = embed(model, batches, torch.device("cpu"), flip_tta=False, scales=[0.875, 1.0, 1.125])
+    np.testing.assert_allclose(multi, unit(sum(sides)).numpy(), atol=1e-6)
+    assert np.abs(multi - single).max() > 1e-4  # the other sides change the embedding
