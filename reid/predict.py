@@ -19,7 +19,7 @@ from .submission import write_submission
 from .train import RunError, load_run
 
 log = logging.getLogger(__name__)
-SEARCH_DEFAULTS = {"centre_weight": 0.0, "tta_scales": []}  # what a threshold.json without the key was tuned at
+SEARCH_DEFAULTS = {"centre_weight": 0.0, "tta_scales": [1.0]}  # what a threshold.json without the key was tuned at
 
 
 def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,
@@ -66,7 +66,7 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     qe, rerank = holdout_switches(cfg, tuned)
     centres = run_centres(runs, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
     check_search({"centre_weight": cfg.predict.centre_weight if centres is not None else 0.0,
-                  "tta_scales": cfg.predict.tta_scales}, tuned, cfg)
+                  "tta_scales": cfg.predict.tta_scales or [1.0]}, tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
                                      cfg.predict.centre_weight)
@@ -113,7 +113,7 @@ def check_search(used: dict, tuned: dict, cfg: Config) -> None:
     """Warn for each search setting (centre weight, TTA sides) that differs from the one the threshold was tuned
     with: similarities shift with them."""
     for key, value in used.items():
-        tuned_at = tuned.get(key, SEARCH_DEFAULTS[key])
+        tuned_at = tuned.get(key) or SEARCH_DEFAULTS[key]  # no tta_scales, or [], is the one side
         if tuned_at != value and cfg.predict.threshold is None:
             log.warning("the threshold was tuned with predict.%s=%s and is applied at %s: similarities shift with it, "
                         "so set predict.threshold or train with this setting", key, tuned_at, value)

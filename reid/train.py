@@ -357,7 +357,7 @@ class Trainer:
         tuned = tune_policies(queries, gallery, labels, truths, self.cfg.predict,
                               dict(zip(self.train_df.individual_id, self.train_df.species, strict=True)),
                               (vectors.numpy(), np.asarray(self.classes, dtype=object)[rows.numpy()]))
-        tuned["tta_scales"] = list(self.cfg.predict.tta_scales)  # the sides the embeddings were averaged over
+        tuned["tta_scales"] = list(self.cfg.predict.tta_scales) or [1.0]  # the sides the embeddings were averaged over
         return {"val_map5": tuned["map5"], "val_threshold": tuned["threshold"],
                 "val_map5_known": tuned["map5_known"], "val_map5_new": tuned["map5_new"], "_tuned": tuned}
 

@@ -78,7 +78,7 @@ def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_p
         assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(out),
                      "predict.centre_weight=1", "predict.tta_scales=[1, 1.25]"]) == 0
     assert "tuned with predict.centre_weight=0.0 and is applied at 1.0" in caplog.text  # the run validated on photos
-    assert "tuned with predict.tta_scales=[] and is applied at [1.0, 1.25]" in caplog.text
+    assert "tuned with predict.tta_scales=[1.0] and is applied at [1.0, 1.25]" in caplog.text
     test, gallery = list_test(tiny_set), read_train(tiny_set)
     _, emb, _ = ensemble_embeddings([trained], {"test": test, "gallery": gallery}, ["predict.tta_scales=[1, 1.25]"])
     # at weight 1 an individual scores its centre's cosine, or without a centre (validation only) its best photo's
