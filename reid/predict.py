@@ -11,15 +11,15 @@ import pandas as pd
 
 from . import retrieval
 from .cache import from_config as cache_from_config
-from .config import Config, load_config
+from .config import Config, PredictConfig, load_config
 from .data import list_test, read_boxes, read_train
 from .files import load_checkpoint, write_csv
 from .inference import embed_frame, memory_format, resolve_device
 from .submission import write_submission
-from .train import RunError, load_run
+from .train import RunError, load_run, search_settings
 
 log = logging.getLogger(__name__)
-SEARCH_DEFAULTS = {"centre_weight": 0.0, "tta_scales": [1.0]}  # what a threshold.json without the key was tuned at
+SEARCH_DEFAULTS = search_settings(PredictConfig(), centres_used=False)  # a threshold.json that lacks a key
 
 
 def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,
@@ -65,8 +65,7 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     tuned = load_tuned(runs[0], cfg)
     qe, rerank = holdout_switches(cfg, tuned)
     centres = run_centres(runs, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
-    check_search({"centre_weight": cfg.predict.centre_weight if centres is not None else 0.0,
-                  "tta_scales": cfg.predict.tta_scales or [1.0]}, tuned, cfg)
+    check_search(search_settings(cfg.predict, centres is not None), tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
                                      cfg.predict.centre_weight)
@@ -113,7 +112,7 @@ def check_search(used: dict, tuned: dict, cfg: Config) -> None:
     """Warn for each search setting (centre weight, TTA sides) that differs from the one the threshold was tuned
     with: similarities shift with them."""
     for key, value in used.items():
-        tuned_at = tuned.get(key) or SEARCH_DEFAULTS[key]  # no tta_scales, or [], is the one side
+        tuned_at = tuned.get(key) or SEARCH_DEFAULTS[key]  # a run recorded before a key existed, or [] sides
         if tuned_at != value and cfg.predict.threshold is None:
             log.warning("the threshold was tuned with predict.%s=%s and is applied at %s: similarities shift with it, "
                         "so set predict.threshold or train with this setting", key, tuned_at, value)

@@ -357,7 +357,7 @@ class Trainer:
         tuned = tune_policies(queries, gallery, labels, truths, self.cfg.predict,
                               dict(zip(self.train_df.individual_id, self.train_df.species, strict=True)),
                               (vectors.numpy(), np.asarray(self.classes, dtype=object)[rows.numpy()]))
-        tuned["tta_scales"] = list(self.cfg.predict.tta_scales) or [1.0]  # the sides the embeddings were averaged over
+        tuned.update(search_settings(self.cfg.predict, centres_used=True))
         return {"val_map5": tuned["map5"], "val_threshold": tuned["threshold"],
                 "val_map5_known": tuned["map5_known"], "val_map5_new": tuned["map5_new"], "_tuned": tuned}
 
@@ -481,8 +481,13 @@ def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, 
         if policy == pcfg.policy:
             tuned.update(map5_known=split["map5_known"], map5_new=split["map5_new"])
     tuned["map5"] = tuned[f"map5_{pcfg.policy}"]
-    tuned["centre_weight"] = pcfg.centre_weight if centres is not None else 0.0
     return tuned
+
+
+def search_settings(pcfg, centres_used: bool) -> dict:
+    """The search settings a tuned threshold holds for, as threshold.json records them: the centre weight applied
+    and the sides the embeddings were averaged over (none given is the one side)."""
+    return {"centre_weight": pcfg.centre_weight if centres_used else 0.0, "tta_scales": list(pcfg.tta_scales) or [1.0]}
 
 
 def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> Path:
