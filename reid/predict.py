@@ -13,7 +13,7 @@ from . import retrieval
 from .cache import from_config as cache_from_config
 from .config import Config, PredictConfig, load_config
 from .data import list_test, read_boxes, read_train
-from .files import load_checkpoint, write_csv
+from .files import write_csv
 from .inference import embed_frame, memory_format, resolve_device
 from .submission import write_submission
 from .train import RunError, load_run, search_settings
@@ -23,16 +23,17 @@ SEARCH_DEFAULTS = search_settings(PredictConfig(), centres_used=False)  # a thre
 
 
 def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,
-                        data: Path | None = None) -> tuple[Config, dict[str, np.ndarray], dict[str, np.ndarray]]:
+                        data: Path | None = None) -> tuple[Config, dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """Each run's normalized embeddings of each frame, weighted and concatenated (one run: its own), with the
-    mask of readable photos; the first run's config decides retrieval."""
+    mask of readable photos; the first run's config decides retrieval, and its best.pt metadata comes back too."""
     weights = weights or [1.0] * len(runs)
-    parts, ok, first = {k: [] for k in frames}, {}, None
+    parts, ok, first, first_meta = {k: [] for k in frames}, {}, None, {}
     for run, weight in zip(runs, weights, strict=True):
-        cfg, model, _ = load_run(run, overrides)
+        cfg, model, meta = load_run(run, overrides)
         if data is not None:
             cfg.data.root = str(data)
-        first = first or cfg
+        if first is None:
+            first, first_meta = cfg, meta
         device = resolve_device(cfg.train.device)
         model.to(device, memory_format=memory_format(cfg))
         boxes = read_boxes(Path(cfg.data.root), cfg.data.crops)
@@ -42,7 +43,7 @@ def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overr
             parts[name].append(np.sqrt(weight) * emb)
             ok[name] = ok.get(name, good) & good
     joined = {k: retrieval.normalize(np.concatenate(v, axis=1)) for k, v in parts.items()}
-    return first, joined, ok
+    return first, joined, ok, first_meta
 
 
 def predict(runs: list[Path], data: Path | None = None, out: Path | None = None, overrides: list[str] = (),
@@ -60,11 +61,11 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
              gallery_df.individual_id.nunique(), len(test_df))
     if weights and len(weights) != len(runs):
         raise RunError(f"{len(weights)} --weight value(s) for {len(runs)} --run folder(s); give one per run")
-    cfg, emb, ok = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, weights, root)
+    cfg, emb, ok, meta = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, weights, root)
     labels = gallery_df.individual_id.to_numpy()
     tuned = load_tuned(runs[0], cfg)
     qe, rerank = holdout_switches(cfg, tuned)
-    centres = run_centres(runs, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
+    centres = run_centres(runs, meta, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
     check_search(search_settings(cfg.predict, centres is not None), tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
@@ -95,12 +96,13 @@ def holdout_switches(cfg: Config, tuned: dict) -> tuple[int, bool]:
     return qe, rerank
 
 
-def run_centres(runs: list[Path], individuals: set) -> tuple[np.ndarray, np.ndarray] | None:
-    """The class centres of a single run and their individual ids, those in the gallery only (a centre cannot
-    name an individual the catalogue lacks); None for an ensemble, whose joined embeddings no one head trained."""
-    meta = load_checkpoint(runs[0] / "best.pt") if len(runs) == 1 else {}
-    if "centres" not in meta:
-        log.info("predict.centre_weight is off: %s", "best.pt has no centres" if meta else "an ensemble of runs")
+def run_centres(runs: list[Path], meta: dict, individuals: set) -> tuple[np.ndarray, np.ndarray] | None:
+    """The class centres of a single run (`meta`: its best.pt) and their individual ids, those in the gallery only
+    (a centre cannot name an individual the catalogue lacks); None for an ensemble, whose joined embeddings no one
+    head trained."""
+    if len(runs) > 1 or "centres" not in meta:
+        log.info("predict.centre_weight is off: %s", "an ensemble of runs" if len(runs) > 1 else
+                 "best.pt has no centres")
         return None
     classes = np.asarray(json.loads((runs[0] / "labels.json").read_text())["classes"], dtype=object)
     ids = classes[meta["centre_rows"].numpy()]

@@ -66,21 +66,26 @@ def test_predict_then_evaluate(trained, tiny_set, tmp_path, capsys):
     assert not pd.read_csv(sub).predictions.str.startswith("new_individual").any()
 
 
-def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_path, caplog):
+def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_path, caplog, monkeypatch):
+    import torch
+
     from reid.data import list_test, read_train
     from reid.predict import ensemble_embeddings
 
     classes = json.loads((trained / "labels.json").read_text())["classes"]
     centres = load_checkpoint(trained / "best.pt")["centres"].numpy()
     assert len(centres) == len(classes) and np.allclose(np.linalg.norm(centres, axis=1), 1, atol=1e-5)
-    out = tmp_path / "c.csv"
+    out, reads = tmp_path / "c.csv", []
+    torch_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, **kw: reads.append(Path(path)) or torch_load(path, **kw))
     with caplog.at_level(logging.WARNING):
         assert main(["predict", "--run", str(trained), "--data", str(tiny_set), "--out", str(out),
                      "predict.centre_weight=1", "predict.tta_scales=[1, 1.25]"]) == 0
+    assert reads == [trained / "best.pt"]  # weights and centres from one read
     assert "tuned with predict.centre_weight=0.0 and is applied at 1.0" in caplog.text  # the run validated on photos
     assert "tuned with predict.tta_scales=[1.0] and is applied at [1.0, 1.25]" in caplog.text
     test, gallery = list_test(tiny_set), read_train(tiny_set)
-    _, emb, _ = ensemble_embeddings([trained], {"test": test, "gallery": gallery}, ["predict.tta_scales=[1, 1.25]"])
+    _, emb, _, _ = ensemble_embeddings([trained], {"test": test, "gallery": gallery}, ["predict.tta_scales=[1, 1.25]"])
     # at weight 1 an individual scores its centre's cosine, or without a centre (validation only) its best photo's
     photo = pd.DataFrame(emb["test"] @ emb["gallery"].T, columns=gallery.individual_id).T.groupby(level=0).max().T
     photo[classes] = emb["test"] @ centres.T
@@ -158,8 +163,8 @@ def test_ensemble_of_two_runs(trained, tiny_set, tmp_path):
     assert main(["train", "--out", str(other), f"data.root={tiny_set}", *TINY, "train.seed=1",
                  "model.embedding_dim=16", "train.epochs=1"]) == 0
     frames = {"g": read_train(tiny_set).head(6)}
-    _, emb, ok = ensemble_embeddings([trained, other], frames, [], [1.0, 3.0])
-    _, alone, _ = ensemble_embeddings([other], frames, [])
+    _, emb, ok, _ = ensemble_embeddings([trained, other], frames, [], [1.0, 3.0])
+    _, alone, _, _ = ensemble_embeddings([other], frames, [])
     assert emb["g"].shape == (6, 32 + 16) and ok["g"].all()
     assert np.allclose(np.linalg.norm(emb["g"], axis=1), 1, atol=1e-5)
     # the second run's part carries weight 3 of 4 of the squared norm, in its own direction
