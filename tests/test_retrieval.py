@@ -33,6 +33,9 @@ def test_rank_individuals_keeps_best_photo_per_individual():
     ids, sims = r.rank_individuals(scores, indices, labels)
     assert ids[0].tolist() == ["a", "b", "c", "d", "e"]
     assert sims[0].tolist() == pytest.approx([0.9, 0.7, 0.6, 0.4, 0.3])
+    # a gallery smaller than k: the search pads with -1, and unfilled places stay empty
+    ids, sims = r.rank_individuals(np.array([[0.9, 0.8, -np.inf]]), np.array([[1, 0, -1]]), labels)
+    assert ids[0].tolist() == ["a", "", "", "", ""] and sims[0, 0] == pytest.approx(0.9) and np.isinf(sims[0, 1:]).all()
 
 
 def test_decide_inserts_new_individual_at_first_rank_below_threshold():
@@ -156,6 +159,22 @@ def test_blend_centres_hand_made():
     assert out_sims[0, :4].tolist() == pytest.approx([0.895, 0.875, 0.85, 0.55], abs=1e-5)
     same_ids, same_sims = r.blend_centres(q, ids, sims, centres, centre_ids, 0.0, k=4)
     assert same_ids[0, :3].tolist() == ["a", "d", "b"] and same_sims[0, :3].tolist() == pytest.approx([0.9, 0.85, 0.8])
+
+
+def test_blend_centres_equals_the_dense_definition():
+    rng = np.random.default_rng(0)
+    gallery, queries = (r.normalize(rng.normal(size=(n, 8)).astype(np.float32)) for n in (60, 30))
+    labels = np.array([f"i{j % 12}" for j in range(60)], dtype=object)
+    centres, centre_ids = r.normalize(rng.normal(size=(10, 8)).astype(np.float32)), np.array(labels[:10])
+    ids, sims = r.rank_individuals(*r.search(queries, gallery, 60), labels, top=12)  # every individual, every photo
+    out_ids, out_sims = r.blend_centres(queries, ids, sims, centres, centre_ids, 0.3, k=10)
+    names = [f"i{j}" for j in range(12)]
+    photo = np.stack([(queries @ gallery[labels == i].T).max(axis=1) for i in names], axis=1)
+    centre = np.concatenate([queries @ centres.T, photo[:, 10:]], axis=1)  # i10 and i11 have no centre
+    score = 0.7 * photo + 0.3 * centre
+    best = np.argsort(-score, axis=1)[:, :5]
+    assert (out_ids == np.array(names, dtype=object)[best]).all()
+    assert np.allclose(out_sims, np.take_along_axis(score, best, 1), atol=1e-6)
 
 
 def test_candidates_with_centres_fix_a_misleading_photo():
