@@ -1,6 +1,6 @@
 """Benchmarks, each against the plain alternative run side by side in this process. Writes bench/results.json.
 
-    python scripts/bench.py [--only data,loader,layout,stripes,search,hnsw,gpu] [--quick]
+    python scripts/bench.py [--only data,loader,layout,stripes,search,rank,hnsw,gpu] [--quick]
 """
 
 from __future__ import annotations
@@ -187,6 +187,38 @@ def bench_search(n_gallery: int, n_query: int, dim: int = 512, k: int = 50) -> N
     record("top5_agreement_with_sklearn", agree, "share", "sklearn brute cosine")
 
 
+def bench_rank(n_gallery: int, n_query: int, n_individuals: int, dim: int = 512, k: int = 50) -> None:
+    """Candidates at the real set's scale with the class centres blended in (predict.centre_weight): the per-query
+    Python loops that turn the top-k photos into individuals and blend the centres in, against the exact search
+    that feeds them."""
+    from reid.retrieval import blend_centres, normalize, rank_individuals, search
+
+    print(f"rank: {n_gallery} gallery photos of {n_individuals} individuals x {n_query} queries, k={k}")
+    rng = np.random.default_rng(0)
+    gallery, queries, centres = (normalize(rng.normal(size=(n, dim)).astype(np.float32))
+                                 for n in (n_gallery, n_query, n_individuals))
+    labels = np.array([f"id{j}" for j in rng.integers(0, n_individuals, n_gallery)], dtype=object)
+    centre_ids = np.array([f"id{j}" for j in range(n_individuals)], dtype=object)
+    secs = {}
+    t = time.perf_counter()
+    scores, idx = search(queries, gallery, k)
+    secs["search"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ids, sims = rank_individuals(scores, idx, labels, k)
+    secs["rank"] = time.perf_counter() - t
+    t = time.perf_counter()
+    search(queries, centres, k)
+    secs["centre_search"] = time.perf_counter() - t
+    t = time.perf_counter()
+    blend_centres(queries, ids, sims, centres, centre_ids, 0.5, k=k)
+    secs["blend_loop"] = time.perf_counter() - t - secs["centre_search"]  # blend_centres runs that search itself
+    record("rank_search", secs["search"], "s", "", "exact top-k photos (FAISS flat)")
+    record("rank_individuals_loop", secs["rank"], "s", "", f"top {k} individuals per query, a loop per query")
+    record("blend_centres_loop", secs["blend_loop"], "s", "", "the blend's loop, its centre search taken out")
+    record("rank_and_blend_share_of_search", (secs["rank"] + secs["blend_loop"]) / secs["search"], "x",
+           "the photo search")
+
+
 def bench_hnsw(n_gallery: int, n_query: int = 2000, dim: int = 512, k: int = 5) -> None:
     """HNSW against exact search on a clustered gallery: ten photos per individual lying close, as embeddings do.
     (Uniform random 512-d points, or clusters smaller than k, have no meaningful k-th neighbour: any index
@@ -342,7 +374,7 @@ def bench_stripes(repeats: int, batch: int = 32) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="data,loader,layout,stripes,search,hnsw,gpu")
+    parser.add_argument("--only", default="data,loader,layout,stripes,search,rank,hnsw,gpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -358,6 +390,8 @@ def main() -> None:
         bench_stripes(2 if q else 7)
     if "search" in parts:
         bench_search(*((5000, 2000) if q else (51_033, 27_956)))
+    if "rank" in parts:
+        bench_rank(*((5000, 2000, 1500) if q else (51_033, 27_956, 15_587)))
     if "hnsw" in parts:
         bench_hnsw(20_000 if q else 1_000_000, 200 if q else 2000)
     if "gpu" in parts:
