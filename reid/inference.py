@@ -59,12 +59,17 @@ def memory_format(cfg) -> torch.memory_format:
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
-def resize(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """The batch at `scale` times its side (bilinear; antialiased when shrinking)."""
-    if scale == 1.0:
+def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The batch at `size` (height, width): bilinear, antialiased when shrinking; unchanged at its own size."""
+    if tuple(x.shape[-2:]) == tuple(size):
         return x
-    side = max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale))
-    return torch.nn.functional.interpolate(x, size=side, mode="bilinear", align_corners=False, antialias=scale < 1)
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                                           antialias=size[-1] < x.shape[-1])
+
+
+def resize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The batch at `scale` times its side (at least 8 pixels)."""
+    return resize_to(x, (max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale))))
 
 
 def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip_tta: bool = True, scales=(1.0,),

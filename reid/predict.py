@@ -113,9 +113,11 @@ def run_centres(runs: list[Path], meta: dict, individuals: set) -> tuple[np.ndar
 def check_search(used: dict, tuned: dict, cfg: Config) -> None:
     """Warn for each search setting (centre weight, TTA sides) that differs from the one the threshold was tuned
     with: similarities shift with them."""
+    if cfg.predict.threshold is not None:
+        return
     for key, value in used.items():
         tuned_at = tuned.get(key) or SEARCH_DEFAULTS[key]  # a run recorded before a key existed, or [] sides
-        if tuned_at != value and cfg.predict.threshold is None:
+        if tuned_at != value:
             log.warning("the threshold was tuned with predict.%s=%s and is applied at %s: similarities shift with it, "
                         "so set predict.threshold or train with this setting", key, tuned_at, value)
 

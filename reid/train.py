@@ -19,7 +19,16 @@ from .cache import from_config as cache_from_config
 from .config import Config, dump_config, load_config, to_dict
 from .data import SeededSampler, read_boxes, read_train, split_mask
 from .files import load_checkpoint, save_checkpoint, write_csv, write_json, write_text
-from .inference import amp_dtype, autocast, embed_frame, make_loader, memory_format, photo_dataset, resolve_device
+from .inference import (
+    amp_dtype,
+    autocast,
+    embed_frame,
+    make_loader,
+    memory_format,
+    photo_dataset,
+    resize_to,
+    resolve_device,
+)
 from .model import (
     LevelHeads,
     ReidNet,
@@ -338,10 +347,7 @@ class Trainer:
 
     def _rescale(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         side = batch_side(self.cfg.aug, self.cfg.data.image_size, self.progress(), gen)
-        if side == x.shape[-1]:
-            return x
-        return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
-                                               antialias=side < x.shape[-1])
+        return resize_to(x, (side, side))
 
     def validate(self) -> dict:
         """Embed the training photos as gallery and the validation photos as queries; tune the thresholds."""
