@@ -25,8 +25,8 @@ def band_counts(stripes: int, pyramid: bool = False) -> tuple[int, ...]:
 def stripe_mean(x: torch.Tensor, stripes: int | tuple[int, ...]) -> torch.Tensor:
     """Mean over each of `stripes` horizontal bands of the map (each count of a tuple in turn), flattened to
     (N, C * total bands)."""
-    if not isinstance(stripes, int):
-        return torch.cat([stripe_mean(x, n) for n in stripes], dim=1)
+    if not isinstance(stripes, int):  # one count alone skips the concatenation's copy
+        return torch.cat([stripe_mean(x, n) for n in stripes], dim=1) if len(stripes) > 1 else stripe_mean(x, *stripes)
     if stripes == 1:
         return x.mean(dim=(-2, -1))
     # horizontal bands keep the top-to-bottom layout and stay the same under a left-right flip
