@@ -19,7 +19,7 @@ class ModelError(ValueError):
 def band_counts(stripes: int, pyramid: bool = False) -> tuple[int, ...]:
     """How many bands each pooling splits a map into: `stripes`, or with `pyramid` also the halvings down to one
     (4 -> 4, 2, 1: the horizontal pyramid of HPM re-identification)."""
-    return tuple(sorted({stripes >> i for i in range(stripes.bit_length())}, reverse=True)) if pyramid else (stripes,)
+    return tuple(stripes >> i for i in range(stripes.bit_length())) if pyramid else (stripes,)  # distinct, falling
 
 
 def stripe_mean(x: torch.Tensor, stripes: int | tuple[int, ...]) -> torch.Tensor:
