@@ -9,6 +9,7 @@ import pytest
 from reid.config import load_config
 
 DEFAULT = "default (configs/demo.yaml)"
+STEPPED_PLAIN = "plain with SGD (lr 0.1, clip 5), step decay"
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +54,5 @@ def test_plain_recipe_stays_plain_whatever_the_default_adds(ablate):
     jitters = {key: value for key, value in dataclasses.asdict(cfg.aug).items() if key not in strengths}
     assert cfg.aug.hflip > 0 and not any(jitters.values()), jitters
     assert cfg.train.schedule == "cosine"  # as its rows were measured, whatever the default's schedule
+    stepped = load_config(ablate.ROOT / "configs" / "demo.yaml", ablate.RECIPES[STEPPED_PLAIN])
+    assert (stepped.train.schedule, stepped.train.optimizer, stepped.model.pooling) == ("step", "sgd", "avg")
