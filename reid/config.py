@@ -29,6 +29,8 @@ class DataConfig:
     pin_memory: bool = True  # only used on GPU
     persistent_workers: bool = True
     bad_images: str = "error"  # error: stop and name the file; skip: drop it with a warning and a count
+    mean: list[float] = field(default_factory=list)  # input mean, 0-1 scale; empty: the backbone's (saved in the run)
+    std: list[float] = field(default_factory=list)  # input std; empty: the backbone's pretrained config in timm
 
 
 @dataclass
@@ -64,7 +66,7 @@ class AugConfig:
 class ModelConfig:
     backbone: str = "tf_efficientnet_b0"
     pretrained: bool = False
-    weights: str = ""  # local weight file for the backbone (offline alternative to `pretrained`)
+    weights: str = ""  # weight file (timm or efficientnet_pytorch layout) or package:efficientnet-lite0 (offline)
     out_indices: list[int] = field(default_factory=lambda: [3, 4])
     pooling: str = "gem"  # gem | avg
     gem_p: float = 3.0
@@ -75,6 +77,7 @@ class ModelConfig:
     level_norm: bool = False  # BatchNorm on each pooled level before concatenation: levels weigh the same at start
     stripes: int = 1  # pool each level over this many horizontal bands (PCB parts) instead of the whole map
     pyramid: bool = False  # also over the halvings of `stripes` down to the whole map (4: 4 + 2 + 1 bands, HPM)
+    freeze_bn: bool = False  # the backbone's BatchNorm statistics stay as pretrained (its scale and shift still learn)
 
 
 @dataclass
@@ -109,6 +112,8 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0: the whole epoch
     time_budget_min: float = 0.0  # >0: train for this wall time (schedule follows the clock; resume is not exact)
     grad_clip: float = 5.0
+    backbone_lr_mult: float = 1.0  # the backbone's rate as a share of train.lr (pretrained: below 1)
+    head_warmup_epochs: float = 0.0  # epochs with the backbone frozen while the new layers and centres settle
     lr_reference_batch: int = 0  # >0: lr is scaled by batch_size / this (the linear scaling rule)
     zero_init_last: bool = False  # zero the last norm of each residual block: blocks start as identities
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for validation; 0: off
@@ -177,7 +182,8 @@ RANGES = {  # inclusive bounds
     "loss.pair_weight": (0.0, 100.0), "loss.pair_margin": (0.0, 2.0), "train.lr_reference_batch": (0, 65536),
     "train.ema": (0.0, 0.99999), "train.accumulate": (1, 1024), "train.m_per_class": (0, 1024),
     "train.distill_weight": (0.0, 100.0), "train.time_budget_min": (0.0, 1e6),
-    "train.distill_temperature": (1e-3, 100.0), "loss.level_weight": (0.0, 100.0),
+    "train.distill_temperature": (1e-3, 100.0), "train.backbone_lr_mult": (0.0, 100.0),
+    "train.head_warmup_epochs": (0.0, 1000.0), "loss.level_weight": (0.0, 100.0),
     "predict.k": (1, 2048), "predict.threshold": (-2.0, 2.0), "predict.new_share": (0.0, 1.0),
     "predict.query_expansion": (0, 100), "predict.centre_weight": (0.0, 1.0),
 }
@@ -238,6 +244,11 @@ def validate(cfg: Config) -> Config:
     if any(not 0.25 <= x <= 4 for x in cfg.predict.tta_scales):
         raise ConfigError(f"config key 'predict.tta_scales' takes shares of data.image_size between 0.25 and 4, "
                           f"got {cfg.predict.tta_scales}")
+    for key in ("mean", "std"):
+        value = getattr(cfg.data, key)
+        if value and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+            rule = "three values (R, G, B, 0-1 scale)" + (", all above 0" if key == "std" else "")
+            raise ConfigError(f"config key 'data.{key}' takes {rule}, got {value}; leave it empty to follow the backbone")
     if cfg.split.fold >= cfg.split.folds:
         raise ConfigError(f"config key 'split.fold' must be below split.folds={cfg.split.folds}")
     if cfg.aug.progressive and cfg.aug.multiscale:

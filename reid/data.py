@@ -316,8 +316,9 @@ def load_photo(path: str | Path, size: int, box=None, margin: float = 0.0) -> tu
 # ---------------------------------------------------------------- dataset
 
 
-def build_transform(aug, train: bool):
-    """albumentations pipeline from the `aug` config section; evaluation only normalizes."""
+def build_transform(aug, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """albumentations pipeline from the `aug` config section; evaluation only normalizes (by `mean` and `std`, those
+    the backbone was pretrained with)."""
     import albumentations as A
     from albumentations.pytorch import ToTensorV2
 
@@ -342,7 +343,7 @@ def build_transform(aug, train: bool):
             A.RandomBrightnessContrast(0.3, 0.3, p=1), A.HueSaturationValue(p=1), A.Affine(rotate=(-25, 25), p=1),
             A.Affine(shear=(-15, 15), p=1), A.Affine(translate_percent=(-0.15, 0.15), p=1),
         ], n=aug.randaugment, p=1.0))
-    return A.Compose([*steps, A.Normalize(), ToTensorV2()])
+    return A.Compose([*steps, A.Normalize(mean=mean, std=std), ToTensorV2()])
 
 
 def camera_faults(p: float):

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import PhotoDataset, build_transform, collate
+from .model import input_stats
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ def photo_dataset(df: pd.DataFrame, cfg, boxes: list[dict], train: bool, labels=
                   on_error: str = "raise") -> PhotoDataset:
     d = cfg.data
     labels = labels if labels is not None else np.zeros(len(df), int)
-    return PhotoDataset(df.path.tolist(), list(labels), boxes, df.image.tolist(), d.image_size,
-                        build_transform(cfg.aug, train), d.crop_margin, d.crop_jitter if train else 0.0,
-                        d.crop_probs or None, cache, on_error)
+    transform = build_transform(cfg.aug, train, *input_stats(cfg))
+    return PhotoDataset(df.path.tolist(), list(labels), boxes, df.image.tolist(), d.image_size, transform,
+                        d.crop_margin, d.crop_jitter if train else 0.0, d.crop_probs or None, cache, on_error)
 
 
 def make_loader(dataset, cfg, device: torch.device, batch_size: int, sampler=None, drop_last: bool = False

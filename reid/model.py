@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,24 +62,25 @@ def _offline() -> bool:
 
 
 def create_backbone(cfg) -> nn.Module:
-    """timm feature extractor at `cfg.out_indices`: random, from the hub (`pretrained`) or a local file (`weights`)."""
+    """timm feature extractor at `cfg.out_indices`: random, from the hub (`pretrained`), or from a weight file or an
+    installed package (`weights`, timm or a foreign layout: reid.weights)."""
     import timm
+
+    from .weights import load_into, packaged_backbone
 
     kwargs = {"features_only": True, "out_indices": tuple(cfg.out_indices), "drop_rate": cfg.drop_rate,
               "drop_path_rate": cfg.drop_path_rate}
     if cfg.output_stride != 32:  # only when asked: not every timm model takes the argument
         kwargs["output_stride"] = cfg.output_stride
-    if cfg.weights:
-        path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise ModelError(f"model.weights: {path} does not exist")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    elif cfg.pretrained:
+    fits = packaged_backbone(cfg.weights) if cfg.weights else None
+    if fits and cfg.backbone.split(".")[0] != fits:
+        raise ModelError(f"model.weights={cfg.weights} holds {fits}; set model.backbone={fits}")
+    if cfg.pretrained and not cfg.weights:
         if _offline():
             raise ModelError(_no_weights(cfg.backbone, "the hub is switched off (HF_HUB_OFFLINE)"))
         kwargs["pretrained"] = True
     try:
-        return timm.create_model(cfg.backbone, **kwargs)
+        backbone = timm.create_model(cfg.backbone, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ModelError(f"model.backbone: timm has no model {cfg.backbone!r}") from err
@@ -92,10 +92,27 @@ def create_backbone(cfg) -> nn.Module:
     except (IndexError, AssertionError) as err:
         raise ModelError(f"model.out_indices {cfg.out_indices} do not fit {cfg.backbone}: {err}") from err
     except (OSError, ConnectionError) as err:
-        if cfg.weights:
-            raise ModelError(f"model.weights: cannot load {cfg.weights} into {cfg.backbone}: {err}") from err
         raise ModelError(_no_weights(cfg.backbone, str(err).splitlines()[0] if str(err) else type(err).__name__)) \
             from err
+    if cfg.weights:
+        load_into(backbone, cfg.weights)
+    return backbone
+
+
+def input_stats(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std (0-1 scale): `data.mean` / `data.std` when set, else the backbone's pretrained config
+    in timm (0.5 / 0.5 for `tf_efficientnet_lite*`, ImageNet's for most others), which its weights were trained on."""
+    if cfg.data.mean and cfg.data.std:
+        return tuple(cfg.data.mean), tuple(cfg.data.std)
+    import timm
+
+    try:
+        pcfg = timm.get_pretrained_cfg(cfg.model.backbone)
+    except (RuntimeError, ValueError):
+        pcfg = None
+    mean = getattr(pcfg, "mean", None) or (0.485, 0.456, 0.406)
+    std = getattr(pcfg, "std", None) or (0.229, 0.224, 0.225)
+    return tuple(cfg.data.mean or mean), tuple(cfg.data.std or std)
 
 
 def _no_weights(name: str, why: str) -> str:
@@ -225,17 +242,27 @@ def head_loss(head: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -
         return head(embeddings.float(), labels)
 
 
-def param_groups(model: nn.Module, head: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list:
-    """No weight decay on biases, norm layers and GeM's p (all 1-d); the class centres get their own rate."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, head: nn.Module, lr: float, weight_decay: float, head_lr_mult: float,
+                 backbone_lr_mult: float = 1.0, backbone: nn.Module | None = None) -> list:
+    """No weight decay on biases, norm layers and GeM's p (all 1-d); the class centres get their own rate, and so
+    do the parameters of `backbone` (pretrained weights fine-tuned slower than the new layers above them)."""
+    slow = {id(p) for p in backbone.parameters()} if backbone is not None and backbone_lr_mult != 1.0 else set()
+    groups: dict[tuple[bool, bool], list] = {(s, d): [] for s in (False, True) for d in (True, False)}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": list(head.parameters()), "lr": lr * head_lr_mult, "weight_decay": weight_decay},
-    ]
+            groups[(id(p) in slow, p.ndim > 1)].append(p)
+    out = [{"params": ps, "lr": lr * (backbone_lr_mult if s else 1.0), "weight_decay": weight_decay if d else 0.0}
+           for (s, d), ps in groups.items() if ps or not s]
+    return [*out, {"params": list(head.parameters()), "lr": lr * head_lr_mult, "weight_decay": weight_decay}]
+
+
+def freeze_norm_stats(module: nn.Module) -> int:
+    """Put every BatchNorm of `module` in eval mode, so its running statistics stay as pretrained (the affine scale
+    and shift still learn). Called after each `train()`. Returns how many were frozen."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    return len(norms)
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, progress=None):

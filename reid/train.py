@@ -35,7 +35,9 @@ from .model import (
     build_head,
     class_centres,
     distill_loss,
+    freeze_norm_stats,
     head_loss,
+    input_stats,
     lr_lambda,
     pair_loss,
     param_groups,
@@ -175,7 +177,8 @@ class Trainer:
         if self.level_heads is not None:  # the levels' necks learn as the main neck does, their centres as its centres
             body.append(self.level_heads.necks)
             heads.append(self.level_heads.heads)
-        groups = param_groups(body, heads, lr, t.weight_decay, self.cfg.loss.head_lr_mult)
+        groups = param_groups(body, heads, lr, t.weight_decay, self.cfg.loss.head_lr_mult, t.backbone_lr_mult,
+                              self.model.backbone)
         if t.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         if t.optimizer == "adabound":
@@ -258,6 +261,10 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         self.model.train()
+        warming = self.epoch < self.cfg.train.head_warmup_epochs  # the head warms up on a frozen backbone
+        self.model.backbone.requires_grad_(not warming)
+        if warming or self.cfg.model.freeze_bn:
+            freeze_norm_stats(self.model.backbone)
         self.head.train()
         if self.level_heads is not None:
             self.level_heads.train()
@@ -500,6 +507,7 @@ def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> 
     """Train into the run folder `out`; returns it."""
     open_run(out, resume, force)
     add_log_file(out)
+    cfg.data.mean, cfg.data.std = (list(v) for v in input_stats(cfg))  # saved in the run: predict normalizes alike
     write_text(out / "config.yaml", dump_config(cfg))
     trainer = Trainer(cfg, out)
     write_json(out / "labels.json", {"classes": trainer.classes, "species": trainer.species})
