@@ -248,7 +248,7 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg.data, key)
         if value and (len(value) != 3 or (key == "std" and min(value) <= 0)):
             rule = "three values (R, G, B, 0-1 scale)" + (", all above 0" if key == "std" else "")
-            raise ConfigError(f"config key 'data.{key}' takes {rule}, got {value}; leave it empty to follow the backbone")
+            raise ConfigError(f"config key 'data.{key}' takes {rule}, got {value}; leave it empty for the backbone's")
     if cfg.split.fold >= cfg.split.folds:
         raise ConfigError(f"config key 'split.fold' must be below split.folds={cfg.split.folds}")
     if cfg.aug.progressive and cfg.aug.multiscale:
