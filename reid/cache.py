@@ -79,14 +79,15 @@ def prepare(cache: PhotoCache, items: list[tuple[str, object]], n_jobs: int = -1
     """Build every (path, box) entry in parallel with a progress bar, then delete entries nothing refers to.
     Interrupted runs resume: finished entries are skipped."""
     from joblib import Parallel, delayed
-    from tqdm import tqdm
+
+    from .progress import progress_bar
 
     wanted = {cache.entry(p, b) for p, b in items}
     todo = [(p, b) for p, b in items if not cache.entry(p, b).is_file()]
     chunks = [todo[i: i + chunk] for i in range(0, len(todo), chunk)]
     errors: list[str] = []
     runner = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-    with tqdm(total=len(todo), desc="prepare", unit="photo") as bar:
+    with progress_bar(total=len(todo), desc="prepare", unit="photo") as bar:
         for part, errs in zip(chunks, runner(delayed(_build_many)(cache, c) for c in chunks), strict=False):
             errors += errs
             bar.update(len(part))

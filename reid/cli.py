@@ -1,4 +1,4 @@
-"""The `reid` command: synth, prepare, train, predict, evaluate. Heavy imports happen inside commands."""
+"""The `reid` command: synth, prepare, train, predict, evaluate, config. Heavy imports happen inside commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("reid")
 
 
 def _synth(args) -> None:
@@ -24,11 +28,12 @@ def _config(args):
 
 
 def _train(args) -> None:
-    from .train import RunError, train
+    from .run import RunError
+    from .train import train
 
     out = Path(args.out)
     if args.resume and not (out / "last.pt").is_file():
-        raise RunError(f"--resume: {out}/last.pt does not exist; nothing to resume")
+        raise RunError(f"--resume: {out}/last.pt does not exist; nothing to resume (train it without --resume)")
     if args.resume and args.config is None:  # continue with the run's own config
         args.config = out / "config.yaml"
     cfg = _config(args)  # --data applies with or without --config
@@ -66,7 +71,8 @@ def _evaluate(args) -> None:
 
     cands = Path(args.candidates) if args.candidates else Path(args.submission).with_name(
         Path(args.submission).stem + "_candidates.csv")
-    s = score(args.submission, args.solution, cands if cands.is_file() else None)
+    s = score(args.submission, args.solution, cands if cands.is_file() else None,
+              Path(args.train) if args.train else None)
     print(f"MAP@5 {s['map5']:.4f}  (known {s['map5_known']:.4f}, new {s['map5_new']:.4f}; "
           f"{100 * s['share_new']:.1f} % of {s['images']} test photos are new individuals)")
     print(f"trivial answer (new_individual first): MAP@5 {s['trivial_map5']:.4f}; "
@@ -80,71 +86,115 @@ def _evaluate(args) -> None:
         print(json.dumps(s))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reid", description="Photo-ID of individual whales and dolphins.")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def _show_config(args) -> None:
+    from .config import dump_config
 
-    s = sub.add_parser("synth", help="write a synthetic set in the Kaggle layout (with solution.csv)")
-    s.add_argument("out")
+    print(dump_config(_config(args)), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)  # -v after the subcommand too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and tracebacks for errors")
+    p = argparse.ArgumentParser(prog="reid", description="Photo-ID of individual whales and dolphins.",
+                                formatter_class=fmt, parents=[common])
+    p.add_argument("--version", action="version", version=f"reid {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    over = {"nargs": "*", "metavar": "key=value", "help": "config overrides, e.g. train.epochs=3 (see `reid config`)"}
+
+    s = sub.add_parser("synth", help="write a synthetic set in the Kaggle layout (with solution.csv)",
+                       formatter_class=fmt, parents=[common])
+    s.add_argument("out", help="new folder for the set")
     s.add_argument("--individuals", type=int, default=300, help="individuals with training photos")
-    s.add_argument("--new", type=int, default=None, help="individuals seen only in test (default: new-share)")
+    s.add_argument("--new", type=int, default=None, help="individuals seen only in test (default: from --new-share)")
     s.add_argument("--new-share", type=float, default=0.25, help="share of test photos showing new individuals")
     s.add_argument("--max-photos", type=int, default=60, help="most photos of one individual")
-    s.add_argument("--min-width", type=int, default=320)
-    s.add_argument("--max-width", type=int, default=640)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-width", type=int, default=320, help="narrowest photo, pixels")
+    s.add_argument("--max-width", type=int, default=640, help="widest photo, pixels")
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same set")
     s.add_argument("--jobs", type=int, default=-1, help="parallel processes (-1: all cores)")
     s.set_defaults(func=_synth)
 
-    t = sub.add_parser("train", help="train a model into a run folder")
-    t.add_argument("--config", type=Path, default=None)
-    t.add_argument("--data", default=None, help="data folder (overrides data.root)")
+    t = sub.add_parser("train", help="train a model into a run folder", formatter_class=fmt, parents=[common])
+    t.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in defaults)")
+    t.add_argument("--data", default=None, help="data folder in the Kaggle layout (overrides data.root)")
     t.add_argument("--out", default="runs/latest", help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--force", action="store_true", help="replace an existing run folder")
-    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.add_argument("overrides", **over)
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("prepare", help="decode, crop and resize every photo once into a cache (parallel)")
-    c.add_argument("--config", type=Path, default=None)
-    c.add_argument("--data", default=None)
-    c.add_argument("--jobs", type=int, default=-1)
-    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c = sub.add_parser("prepare", help="decode, crop and resize every photo once into a cache (parallel)",
+                       formatter_class=fmt, parents=[common])
+    c.add_argument("--config", type=Path, default=None, help="YAML config whose data section sets size and crops")
+    c.add_argument("--data", default=None, help="data folder in the Kaggle layout (overrides data.root)")
+    c.add_argument("--jobs", type=int, default=-1, help="parallel processes (-1: all cores)")
+    c.add_argument("overrides", **over)
     c.set_defaults(func=_prepare)
 
-    r = sub.add_parser("predict", help="write a submission from one run or an ensemble of runs")
+    r = sub.add_parser("predict", help="write a submission from one run or an ensemble of runs",
+                       formatter_class=fmt, parents=[common])
     r.add_argument("--run", action="append", required=True, help="run folder; repeat for an ensemble")
-    r.add_argument("--weight", type=float, action="append", help="weight of each --run in an ensemble")
-    r.add_argument("--data", default=None)
-    r.add_argument("--out", default=None, help="submission CSV (default RUN/submission.csv)")
+    r.add_argument("--weight", type=float, action="append", help="weight of each --run in an ensemble (> 0)")
+    r.add_argument("--data", default=None, help="data folder with test_images/ (default: the run's data.root)")
+    r.add_argument("--out", default=None, help="submission CSV (default: RUN/submission.csv)")
     r.add_argument("--force", action="store_true", help="replace an existing submission")
-    r.add_argument("overrides", nargs="*", metavar="key=value")
+    r.add_argument("overrides", **over)
     r.set_defaults(func=_predict)
 
-    e = sub.add_parser("evaluate", help="MAP@5 of a submission against a solution file")
-    e.add_argument("submission")
-    e.add_argument("solution")
-    e.add_argument("--candidates", default=None, help="the predict's candidates CSV (default: beside SUBMISSION)")
-    e.add_argument("--json", action="store_true")
+    e = sub.add_parser("evaluate", help="MAP@5 of a submission against a solution file", formatter_class=fmt,
+                       parents=[common])
+    e.add_argument("submission", help="submission CSV (image,predictions)")
+    e.add_argument("solution", help="answers CSV (image,individual_id)")
+    e.add_argument("--candidates", default=None, help="predict's candidates CSV (default: beside SUBMISSION)")
+    e.add_argument("--train", default=None, help="train.csv: solution ids absent from it count as new individuals")
+    e.add_argument("--json", action="store_true", help="also print every figure as one JSON line")
     e.set_defaults(func=_evaluate)
+
+    g = sub.add_parser("config", help="print the resolved config: defaults, a YAML file and overrides",
+                       formatter_class=fmt, parents=[common])
+    g.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in defaults)")
+    g.add_argument("--data", default=None, help="data folder (overrides data.root)")
+    g.add_argument("overrides", **over)
+    g.set_defaults(func=_show_config)
     return p
+
+
+def interrupted(args) -> str:
+    """One line for Ctrl-C: what stopped, what is saved, how to go on."""
+    if args.command != "train":
+        return f"reid {args.command}: interrupted; nothing was written half-way. Run the same command again."
+    from .run import last_epoch
+
+    out = Path(args.out)
+    done = last_epoch(out)
+    if not done:
+        return ("reid train: interrupted before the first epoch ended; nothing to resume. Run the same command "
+                "again.")
+    return (f"reid train: interrupted; {out}/last.pt holds epoch {done}. Resume with: reid train --out {out} "
+            f"--resume")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from .config import ConfigError
-    from .data import DataError
-    from .model import ModelError
+    verbose = getattr(args, "verbose", False)
+    from .progress import setup_logging
+
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
+    from .errors import ReidError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
-        if args.verbose:
+    except KeyboardInterrupt:
+        message = interrupted(args)
+        log.warning(message)  # into the run's log.txt too
+        return 130
+    except (ReidError, OSError) as err:
+        if verbose:
             raise
-        print(f"reid {args.command}: error: {err}", file=sys.stderr)
+        text = str(err) if isinstance(err, ReidError) else f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")
+        print(f"reid {args.command}: error: {text}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ReidError
 
-class ConfigError(ValueError):
+
+class ConfigError(ReidError):
     """A config file, key or value that cannot be used."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import cv2
@@ -12,7 +13,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-Image.MAX_IMAGE_PIXELS = None  # PIL only reads headers here (and decodes what OpenCV cannot); no bomb limit needed
+from .errors import NEW, ReidError
+
+MAX_PIXELS = 300_000_000  # 300 MP: above any camera's photo; a larger file is a decompression bomb or a scan
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +34,9 @@ KNOWN_SPECIES = {
     "pantropic_spotted_dolphin", "pygmy_killer_whale", "rough_toothed_dolphin", "sei_whale",
     "short_finned_pilot_whale", "southern_right_whale", "spinner_dolphin", "spotted_dolphin", "white_sided_dolphin",
 }
-NEW = "new_individual"
 
 
-class DataError(ValueError):
+class DataError(ReidError):
     """Input data that cannot be used as it is; the message names the file and rows."""
 
 
@@ -48,10 +51,12 @@ def _rows(mask: pd.Series, limit: int = 5) -> str:
     return ", ".join(map(str, lines[:limit])) + more
 
 
-def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
-    """Read a CSV as strings (BOM, CRLF and quotes handled), checking that `required` columns exist."""
+def read_csv(path: Path, required: list[str],
+             fix: str = "--data must be a folder in the Kaggle layout (train.csv, train_images/)") -> pd.DataFrame:
+    """Read a CSV as strings (BOM, CRLF and quotes handled), checking that `required` columns exist; `fix` says
+    what to do when the file is not there."""
     if not path.is_file():
-        raise DataError(f"{path} not found: --data must be a folder in the Kaggle layout (train.csv, train_images/)")
+        raise DataError(f"{path} not found: {fix}")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True)
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
@@ -82,12 +87,19 @@ def safe_path(folder: Path, name: str) -> Path:
     return path
 
 
+def species_key(name: str) -> str:
+    """One spelling per species: lower case, spaces and hyphens as underscores (`Killer Whale` -> `killer_whale`)."""
+    return "_".join(name.strip().lower().replace("-", " ").split())
+
+
 def normalize_species(species: pd.Series) -> pd.Series:
-    """Map the real set's misspellings to one name each, logging what changed and any unknown name."""
-    fixed = species.replace(SPECIES_FIXES)
+    """Map case and spacing variants and the real set's misspellings to one name each, logging what changed and
+    any unknown name."""
+    keyed = species.map(species_key)
+    fixed = keyed.replace(SPECIES_FIXES)
     changed = fixed != species
-    for old, count in species[changed].value_counts().items():
-        log.info("species: %d row(s) '%s' -> '%s'", count, old, SPECIES_FIXES[old])
+    for (old, new), count in pd.Series(list(zip(species[changed], fixed[changed], strict=True))).value_counts().items():
+        log.info("species: %d row(s) '%s' -> '%s'", count, old, new)
     unknown = sorted(set(fixed) - KNOWN_SPECIES - {""})
     if unknown:
         log.warning("species not in the Happywhale list, kept as they are: %s", unknown)
@@ -106,13 +118,20 @@ def read_train(root: Path, bad_images: str = "error") -> pd.DataFrame:
     if twins.any():
         log.warning("%s: dropping %d exact duplicate row(s): lines %s", path, twins.sum(), _rows(twins))
         df = df[~twins].reset_index(drop=True)
+    reserved = df.individual_id == NEW
+    if reserved.any():
+        raise DataError(f"{path}: rows {_rows(reserved)} use the individual_id {NEW!r}, which is the answer for an "
+                        "animal absent from the catalogue; give those photos a real id or delete the rows")
+    df["species"] = normalize_species(df.species)
     clash = df.image.duplicated(keep=False)
     if clash.any():
-        raise DataError(f"{path}: rows {_rows(clash)} give the same image different individual_ids; keep one")
-    df["species"] = normalize_species(df.species)
+        first = df[clash].iloc[0].image
+        what = "individual_ids" if df[df.image == first].individual_id.nunique() > 1 else "species"
+        raise DataError(f"{path}: rows {_rows(clash)} list the same image twice with different {what} (e.g. "
+                        f"{first!r}); keep one row per image")
     folder = root / "train_images"
     df["path"] = [str(safe_path(folder, name)) for name in df.image]
-    return _drop_missing(df, path, bad_images)
+    return check_photos(_drop_missing(df, path, bad_images), path, bad_images)
 
 
 def _drop_missing(df: pd.DataFrame, csv: Path, bad_images: str) -> pd.DataFrame:
@@ -124,6 +143,46 @@ def _drop_missing(df: pd.DataFrame, csv: Path, bad_images: str) -> pd.DataFrame:
         raise DataError(msg + "; restore them, delete the rows, or set data.bad_images=skip")
     log.warning("%s; skipping %d row(s) (data.bad_images=skip)", msg, missing.sum())
     return df[~missing].reset_index(drop=True)
+
+
+def photo_problem(path: str | Path) -> str:
+    """Why a photo cannot be used ('' if it can), from its header and its last bytes: fast enough for every photo
+    of a data set before training, where a bad one would otherwise stop an epoch half-way."""
+    from PIL import UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with warnings.catch_warnings():  # the size is checked by name below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+        if w * h > MAX_PIXELS:
+            return f"{w}x{h} pixels, over the {MAX_PIXELS // 1_000_000} MP limit"
+        if _looks_truncated(path):
+            return "truncated JPEG (no end-of-image marker)"
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        return f"not a readable image ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})"
+    return ""
+
+
+def check_photos(df: pd.DataFrame, csv: Path, bad_images: str) -> pd.DataFrame:
+    """Every photo of `df` checked once (a progress bar): under `error` one message naming every bad file, under
+    `skip` the bad rows dropped and counted."""
+    from .progress import progress_bar
+
+    problems = [photo_problem(p) for p in progress_bar(df.path, desc="check photos", unit="photo", leave=False)]
+    bad = np.array([bool(p) for p in problems])
+    if not bad.any():
+        return df
+    listed = [f"{Path(p).name} ({why})" for p, why in zip(df.path[bad], np.array(problems)[bad], strict=True)]
+    names = "; ".join(listed[:20]) + (f"; and {len(listed) - 20} more" if len(listed) > 20 else "")
+    if bad_images == "error":
+        raise DataError(f"{csv}: {bad.sum()} photo(s) cannot be read: {names}. Replace them, delete their rows, or "
+                        "set data.bad_images=skip")
+    log.warning("%s: skipping %d photo(s) that cannot be read (data.bad_images=skip): %s", csv, bad.sum(), names)
+    return df[~bad].reset_index(drop=True)
 
 
 def list_test(root: Path) -> pd.DataFrame:
@@ -140,6 +199,13 @@ def list_test(root: Path) -> pd.DataFrame:
     if df.empty:
         raise DataError(f"no test photos: {sample if sample.is_file() else folder} is empty")
     df["path"] = [str(safe_path(folder, name)) for name in df.image]
+    missing = ~df.path.map(lambda p: Path(p).is_file())
+    if missing.all():
+        raise DataError(f"{sample} lists {len(df)} test photos and none is in {folder}: copy the test photos there, "
+                        "or delete sample_submission.csv to predict the photos that are there")
+    if missing.any():
+        log.warning("%d of the %d test photos of %s are not in %s (e.g. %s); they get new_individual first",
+                    missing.sum(), len(df), sample, folder, df.image[missing].iloc[0])
     return df
 
 
@@ -223,7 +289,7 @@ def _looks_truncated(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             im.load()
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         return True
     return False
 
@@ -235,12 +301,17 @@ def original_size(path: Path) -> tuple[int, int]:
     if not path.is_file() or path.stat().st_size == 0:
         raise BadImage(f"{path}: missing or empty file")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the size is checked by name below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage(f"{path}: not a readable image ({err})") from err
+    if w * h > MAX_PIXELS:
+        raise BadImage(f"{path}: {w}x{h} pixels, over the {MAX_PIXELS // 1_000_000} MP limit for a photo")
     return w, h
 
 
@@ -254,6 +325,7 @@ def decode(path: str | Path, reduce: int = 1) -> np.ndarray:
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         raise BadImage(f"{path}: missing or empty file")
+    original_size(path)  # a header over the pixel limit stops here, before anything is decoded
     if _looks_truncated(path):
         raise BadImage(f"{path}: truncated JPEG (no end-of-image marker)")
     img = cv2.imread(str(path), REDUCED[reduce])
@@ -272,7 +344,7 @@ def _decode_pil(path: Path, reduce: int) -> np.ndarray:
             if reduce > 1:
                 im = im.reduce(reduce)
             return cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage(f"{path}: not a readable image ({err})") from err
 
 
@@ -363,7 +435,7 @@ class PhotoDataset(Dataset):
     def __init__(self, paths: list[str], labels: list[int], boxes: list[dict], names: list[str], size: int,
                  transform=None, margin: float = 0.1, jitter: float = 0.0, box_probs: list[float] | None = None,
                  cache=None, on_error: str = "raise"):
-        self.on_error = on_error  # raise | blank (a grey photo, reported through index -1)
+        self.on_error = on_error  # raise | blank | skip: a grey photo with no label and index -1 (skip: dropped later)
         self.paths, self.labels, self.names = list(paths), list(labels), list(names)
         self.boxes, self.size, self.transform, self.cache = boxes, size, transform, cache
         self.margin, self.jitter = margin, jitter
@@ -385,11 +457,16 @@ class PhotoDataset(Dataset):
         margin = self.margin + (rng.uniform(-self.jitter, self.jitter) if rng is not None else 0.0)
         try:
             img = self._read(idx, box, which, margin)
-        except BadImage as err:
+        except (BadImage, cv2.error, OSError, ValueError) as err:
             if self.on_error == "raise":
-                raise
-            log.warning("%s; using a blank photo in its place", err)
-            img, idx = np.full((self.size, self.size, 3), 128, np.uint8), -1
+                if isinstance(err, BadImage):
+                    raise
+                raise BadImage(f"{self.paths[idx]}: {err}") from err
+            log.warning("%s; %s", err, "skipped" if self.on_error == "skip" else "using a blank photo in its place")
+            img = np.full((self.size, self.size, 3), 128, np.uint8)
+            if self.transform is not None:
+                img = self.transform(image=img)["image"]
+            return img, np.full_like(np.asarray(self.labels[0]), -1).tolist(), -1  # no one's label
         if self.transform is not None:
             if seed is not None:
                 self.transform.set_random_seed(seed % (1 << 31))

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from .config import ConfigError
 from .data import PhotoDataset, build_transform, collate
 from .model import input_stats
 
@@ -20,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
     return torch.device(name)
 
 
@@ -44,6 +45,13 @@ def photo_dataset(df: pd.DataFrame, cfg, boxes: list[dict], train: bool, labels=
                         d.crop_margin, d.crop_jitter if train else 0.0, d.crop_probs or None, cache, on_error)
 
 
+def ignore_sigint(_worker: int) -> None:
+    """Workers leave Ctrl-C to the main process, which says what was saved; else each prints its own traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, cfg, device: torch.device, batch_size: int, sampler=None, drop_last: bool = False
                 ) -> DataLoader:
     """DataLoader with workers, pinned memory and persistent workers from the config (pinning only on GPU)."""
@@ -51,7 +59,7 @@ def make_loader(dataset, cfg, device: torch.device, batch_size: int, sampler=Non
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
                       num_workers=workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
                       persistent_workers=cfg.data.persistent_workers and workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_sigint if workers else None)
 
 
 def memory_format(cfg) -> torch.memory_format:
@@ -91,11 +99,11 @@ def embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, flip
           layout: torch.memory_format = torch.contiguous_format, scales=(1.0,)) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) float32, L2-normalized: the mean over `scales` (multi-size TTA) of the photo's embedding, with flip
     TTA averaged with its mirror's; and an (N,) mask of the photos that could be read."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     model.eval()
     out, ok = [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in progress_bar(loader, desc=desc, unit="batch", leave=False):
         x = batch["images"].to(device, non_blocking=True)
         with autocast(device, dtype):
             out.append(embed_batch(model, x, flip_tta, scales, layout).cpu())

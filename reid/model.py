@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ReidError
 
-class ModelError(ValueError):
+
+class ModelError(ReidError):
     """A model that cannot be built as configured; the message says which key to change."""
 
 
@@ -61,6 +63,20 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("REID_OFFLINE", "0") != "0"
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers within `timeout` seconds: offline, its client retries for most of a minute
+    before failing, so ask once, fast."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def create_backbone(cfg) -> nn.Module:
     """timm feature extractor at `cfg.out_indices`: random, from the hub (`pretrained`), or from a weight file or an
     installed package (`weights`, timm or a foreign layout: reid.weights)."""
@@ -78,6 +94,8 @@ def create_backbone(cfg) -> nn.Module:
     if cfg.pretrained and not cfg.weights:
         if _offline():
             raise ModelError(_no_weights(cfg.backbone, "the hub is switched off (HF_HUB_OFFLINE)"))
+        if not hub_reachable():
+            raise ModelError(_no_weights(cfg.backbone, "the hub cannot be reached"))
         kwargs["pretrained"] = True
     try:
         backbone = timm.create_model(cfg.backbone, **kwargs)

@@ -15,11 +15,11 @@ from .config import Config, PredictConfig, load_config
 from .data import list_test, read_boxes, read_train
 from .files import write_csv
 from .inference import embed_frame, memory_format, resolve_device
+from .run import RunError, load_run
 from .submission import write_submission
-from .train import RunError, load_run, search_settings
 
 log = logging.getLogger(__name__)
-SEARCH_DEFAULTS = search_settings(PredictConfig(), centres_used=False)  # a threshold.json that lacks a key
+SEARCH_DEFAULTS = retrieval.search_settings(PredictConfig(), centres_used=False)  # for a record that lacks a key
 
 
 def ensemble_embeddings(runs: list[Path], frames: dict[str, pd.DataFrame], overrides: list[str], weights=None,
@@ -56,17 +56,25 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     out = out or runs[0] / "submission.csv"
     if out.exists() and not force:
         raise RunError(f"{out} already exists; pass --force to replace it or --out to write elsewhere")
+    check_writable(out)
+    if weights and len(weights) != len(runs):
+        raise RunError(f"{len(weights)} --weight value(s) for {len(runs)} --run folder(s); give one per run")
+    if weights and min(weights) <= 0:
+        raise RunError(f"--weight {min(weights):g}: each run's weight must be above 0 (leave a run out instead)")
+    tuned_ensemble = len(runs) > 1 and cfg.predict.threshold is None
+    if tuned_ensemble:
+        check_same_split(runs)
     gallery_df, test_df = read_train(root, cfg.data.bad_images), list_test(root)
     log.info("gallery: %d photos of %d individuals; test: %d photos", len(gallery_df),
              gallery_df.individual_id.nunique(), len(test_df))
-    if weights and len(weights) != len(runs):
-        raise RunError(f"{len(weights)} --weight value(s) for {len(runs)} --run folder(s); give one per run")
     cfg, emb, ok, meta = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, weights, root)
     labels = gallery_df.individual_id.to_numpy()
-    tuned = load_tuned(runs[0], cfg)
+    tuned = load_tuned(runs[0], cfg, meta)
+    if tuned_ensemble:
+        tuned = tune_ensemble(runs[0], gallery_df, emb["gallery"], ok["gallery"], cfg)
     qe, rerank = holdout_switches(cfg, tuned)
     centres = run_centres(runs, meta, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
-    check_search(search_settings(cfg.predict, centres is not None), tuned, cfg)
+    check_search(retrieval.search_settings(cfg.predict, centres is not None), tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
                                      cfg.predict.centre_weight)
@@ -122,13 +130,60 @@ def check_search(used: dict, tuned: dict, cfg: Config) -> None:
                         "so set predict.threshold or train with this setting", key, tuned_at, value)
 
 
-def load_tuned(run: Path, cfg: Config) -> dict:
-    """The thresholds tuned on validation (threshold.json), with `predict.threshold` overriding the single one."""
-    path = run / "threshold.json"
-    tuned = json.loads(path.read_text()) if path.is_file() else {"threshold": 0.5}
+def load_tuned(run: Path, cfg: Config, meta: dict) -> dict:
+    """The thresholds tuned on validation, from best.pt (threshold.json is its copy for people, so the two cannot
+    disagree), with `predict.threshold` overriding the single one."""
+    tuned = dict(meta.get("tuned") or {})
+    if not tuned:  # a run saved before best.pt held the whole record
+        path = run / "threshold.json"
+        tuned = json.loads(path.read_text()) if path.is_file() else {"threshold": meta.get("threshold", 0.5)}
     if cfg.predict.threshold is not None:
         tuned = {**tuned, "threshold": cfg.predict.threshold, "per_species": {}}
         cfg.predict.policy = "similarity"
+    elif not tuned.get("grid"):
+        log.warning("%s had no validation photos, so no threshold was tuned: new_individual is placed at similarity "
+                    "%.2f; set predict.threshold=VALUE to choose it", run, tuned["threshold"])
+    return tuned
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any photo is embedded, not after, when the submission cannot be written."""
+    import tempfile
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise RunError(f"cannot write {out} ({err.strerror or err}); choose a writable --out") from err
+
+
+def check_same_split(runs: list[Path]) -> None:
+    """An ensemble's threshold is tuned on its own validation similarities, which needs one validation split."""
+    splits = [pd.read_csv(r / "split.csv", dtype={"image": str}) if (r / "split.csv").is_file() else None
+              for r in runs]
+    first = splits[0]
+    for run, split in zip(runs[1:], splits[1:], strict=True):
+        if first is None or split is None or not first.sort_values("image").reset_index(drop=True).equals(
+                split.sort_values("image").reset_index(drop=True)):
+            raise RunError(f"{runs[0]} and {run} were validated on different photos, so no threshold can be tuned "
+                           "for their ensemble: train them with the same split section, or set predict.threshold")
+
+
+def tune_ensemble(run: Path, gallery_df: pd.DataFrame, emb: np.ndarray, ok: np.ndarray, cfg: Config) -> dict:
+    """The new_individual thresholds tuned on the ensemble's joined embeddings of the runs' validation photos
+    (queries) against their training photos (gallery), as `reid train` tunes one run's."""
+    split = pd.read_csv(run / "split.csv", dtype={"image": str}).set_index("image").is_val
+    is_val = gallery_df.image.map(split).fillna(False).to_numpy(bool)
+    train, val = ~is_val & ok, is_val & ok
+    known = set(gallery_df.individual_id[train])
+    truths = [i if i in known else retrieval.NEW for i in gallery_df.individual_id[val]]
+    species_of = dict(zip(gallery_df.individual_id, gallery_df.species, strict=True))
+    tuned = retrieval.tune_policies(emb[val], emb[train], gallery_df.individual_id.to_numpy()[train], truths,
+                                    cfg.predict, species_of)
+    tuned.update(retrieval.search_settings(cfg.predict, centres_used=False))
+    log.info("ensemble: threshold %.3f tuned on its own validation similarities (%d photos, MAP@5 %.4f)",
+             tuned["threshold"], int(val.sum()), tuned["map5"])
     return tuned
 
 

@@ -10,9 +10,11 @@ import logging
 
 import numpy as np
 
+from .errors import NEW
+
+log = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU feature it lacks
 
-NEW = "new_individual"
 TOP = 5
 
 
@@ -276,7 +278,66 @@ def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: 
         scores, indices = search(queries, gallery, k, kind=index)
     if rerank:
         scores, indices = k_reciprocal_rerank(queries, gallery, scores, indices, index=index)
-    if centres is None or not centre_weight:
-        return rank_individuals(scores, indices, labels)
-    ids, sims = rank_individuals(scores, indices, labels, top=k)
+    blend = centres is not None and bool(centre_weight)
+    ids, sims = rank_individuals(scores, indices, labels, top=k if blend else TOP)
+    ids, sims = widen(queries, gallery, labels, ids, sims, k, index)
+    if not blend:
+        return ids, sims
     return blend_centres(queries, ids, sims, *centres, centre_weight, k, index)
+
+
+def widen(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, ids: np.ndarray, sims: np.ndarray, k: int,
+          index: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+    """Search again, four times deeper each time, for the queries whose top-k photos show fewer than five distinct
+    individuals (one animal with hundreds of photos can fill them), until five are found or the gallery is done."""
+    need = min(TOP, len(np.unique(labels)), ids.shape[1])
+    short = np.flatnonzero((ids[:, :need] == "").any(axis=1))
+    while len(short) and k < len(gallery):
+        k = min(len(gallery), 4 * k)
+        scores, indices = search(queries[short], gallery, k, kind=index)
+        ids[short], sims[short] = rank_individuals(scores, indices, labels, top=ids.shape[1])
+        short = short[(ids[short, :need] == "").any(axis=1)]
+    return ids, sims
+
+
+def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, truths: list[str], pcfg,
+                  species_of: dict[str, str], centres: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Validation MAP@5 under each new_individual policy, with what predict needs to apply them to test photos:
+    the tuned threshold and its curve, the new-first share it gives, per-species thresholds, and whether query
+    expansion helped. `centres`: the class centres and their individual ids, blended in at predict.centre_weight."""
+    kw = {"k": pcfg.k, "gallery_mode": pcfg.gallery, "index": pcfg.index, "centres": centres,
+          "centre_weight": pcfg.centre_weight}
+    ids, sims = candidates(queries, gallery, labels, **kw)
+    tuned = tune_threshold(ids, sims, truths)
+    for switch, value in (("query_expansion", pcfg.query_expansion), ("rerank", pcfg.rerank)):
+        if not value:
+            continue
+        kw[switch] = value
+        alt_ids, alt_sims = candidates(queries, gallery, labels, **kw)
+        alt = tune_threshold(alt_ids, alt_sims, truths)
+        helps = alt["map5"] > tuned["map5"]
+        log.info("%s: validation MAP@5 %.4f against %.4f without: %s", switch, alt["map5"], tuned["map5"],
+                 "kept" if helps else "turned off")
+        if helps:
+            ids, sims, tuned = alt_ids, alt_sims, {**alt, **{k: v for k, v in tuned.items() if k.endswith("_helps")}}
+        else:
+            kw.pop(switch)
+        tuned[f"{switch}_helps"] = helps
+    pos = new_position(sims, tuned["threshold"])
+    tuned["new_first_share"] = float(np.mean(pos == 0))
+    groups = np.array([species_of.get(i, "") for i in ids[:, 0]])
+    tuned["per_species"] = tune_by_group(ids, sims, truths, groups, tuned["threshold"])
+    for policy in ("similarity", "share", "species"):
+        split = map_at_5_split(decide(ids, sims, policy_thresholds(
+            policy, sims, tuned, groups)), truths)
+        tuned[f"map5_{policy}"] = split["map5"]
+        if policy == pcfg.policy:
+            tuned.update(map5_known=split["map5_known"], map5_new=split["map5_new"])
+    tuned["map5"] = tuned[f"map5_{pcfg.policy}"]
+    return tuned
+
+
+def search_settings(pcfg, centres_used: bool) -> dict:
+    """The search settings a tuned threshold holds for, as threshold.json records them: the centre weight applied
+    and the sides the embeddings were averaged over (none given is the one side)."""
+    return {"centre_weight": pcfg.centre_weight if centres_used else 0.0, "tta_scales": list(pcfg.tta_scales) or [1.0]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pandas as pd
 from .data import DataError, read_csv
 from .files import write_csv
 from .retrieval import NEW, TOP, map_at_5, map_at_5_split
+
+log = logging.getLogger(__name__)
 
 
 def validate_submission(df: pd.DataFrame, images: list[str]) -> None:
@@ -36,12 +39,20 @@ def write_submission(path: str | Path, images: list[str], predictions: list[list
     return write_csv(path, df)
 
 
-def score(submission: str | Path, solution: str | Path, candidates: str | Path | None = None) -> dict:
+def score(submission: str | Path, solution: str | Path, candidates: str | Path | None = None,
+          train: str | Path | None = None) -> dict:
     """MAP@5 overall and on known / new test photos, with the trivial answer's score for comparison; with the
     candidates file, also top-1 accuracy on new photos, the AUC of 'is new' from the top similarity, and the best
     threshold chosen with hindsight on these answers."""
-    sol = read_csv(Path(solution), ["image", "individual_id"])
-    sub = read_csv(Path(submission), ["image", "predictions"])
+    sol = read_csv(Path(solution), ["image", "individual_id"], "give the path of an existing CSV")
+    sub = read_csv(Path(submission), ["image", "predictions"], "give the path of an existing CSV")
+    if train is not None:  # a solution with real ids for every animal: those absent from train are new here
+        known = set(read_csv(Path(train), ["image", "species", "individual_id"], "give --train an existing CSV")
+                    .individual_id)
+        sol["individual_id"] = sol.individual_id.where(sol.individual_id.isin(known), NEW)
+    elif not (sol.individual_id == NEW).any():
+        log.warning("%s has no %s answer: unless every test animal is in the catalogue, give --train train.csv so "
+                    "that ids absent from it count as new", solution, NEW)
     validate_submission(sub, list(sol.image))
     preds = sub.set_index("image").predictions.reindex(sol.image).str.split().tolist()
     truths = sol.individual_id.tolist()

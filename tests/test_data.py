@@ -1,5 +1,6 @@
 import logging
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,13 +19,15 @@ from reid.data import (
     split_mask,
 )
 
+JPEG = cv2.imencode(".jpg", np.full((8, 8, 3), 120, np.uint8))[1].tobytes()  # the smallest real photo
+
 
 def make_layout(root, rows, header="image,species,individual_id", files=None, newline="\n", bom=False):
     (root / "train_images").mkdir(parents=True, exist_ok=True)
     text = newline.join([header, *rows]) + newline
     (root / "train.csv").write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
     for name in files if files is not None else [r.split(",")[0].strip('"') for r in rows]:
-        (root / "train_images" / name).write_bytes(b"x")
+        (root / "train_images" / name).write_bytes(JPEG)
     return root
 
 
@@ -40,7 +43,7 @@ def test_reads_bom_crlf_quotes_and_extra_columns(tmp_path, caplog):
 @pytest.mark.parametrize("rows, header, match", [
     (["a.jpg,beluga,id1"], "image,individual_id", r"lacks column\(s\) \['species'\]"),
     (["a.jpg,beluga,", "b.jpg,beluga,id2"], None, r"rows 2 have an empty individual_id"),
-    (["a.jpg,beluga,id1", "a.jpg,beluga,id2"], None, r"rows 2, 3 give the same image"),
+    (["a.jpg,beluga,id1", "a.jpg,beluga,id2"], None, r"rows 2, 3 list the same image twice with different indiv"),
     (["../etc/passwd,beluga,id1"], None, r"path separator or '\.\.'"),
     (["sub/a.jpg,beluga,id1"], None, r"path separator"),
 ])

@@ -7,6 +7,7 @@ from timm.layers import DropPath
 
 from reid.config import ConfigError, load_config
 from reid.model import GeM, LevelHeads, ModelError, ReidNet, band_counts, build_head, param_groups
+from reid.weights import WeightsError
 
 
 def test_gem_matches_its_formula():
@@ -160,7 +161,7 @@ def test_local_weight_file_is_loaded(tmp_path):
                              f"model.weights={tmp_path / 'w.safetensors'}"])
     model = ReidNet(cfg.model)
     assert torch.equal(model.backbone.conv_stem.weight, source.conv_stem.weight)
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         ReidNet(load_config(None, ["model.weights=/no/such/file.pt"]).model)
 
 

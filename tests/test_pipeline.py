@@ -144,7 +144,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_set):
 def test_same_seed_same_embeddings(trained, tiny_set):
     from reid.data import read_boxes, read_train
     from reid.inference import embed_frame
-    from reid.predict import load_run
+    from reid.run import load_run
 
     cfg, model, _ = load_run(trained)
     df = read_train(tiny_set).head(8)

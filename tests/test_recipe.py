@@ -12,7 +12,8 @@ from reid.cli import main
 from reid.config import load_config
 from reid.data import SeededSampler, build_transform
 from reid.model import build_head, class_margins, distill_loss, zero_init_last
-from reid.train import RunError, Trainer, batch_side, cutmix, ricap
+from reid.run import RunError
+from reid.train import Trainer, batch_side, cutmix, ricap
 from tests.conftest import TINY
 
 

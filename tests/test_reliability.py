@@ -14,6 +14,7 @@ import torch
 
 from reid.cli import main
 from reid.data import BadImage, PhotoDataset, load_photo
+from reid.errors import ReidError
 from reid.files import atomic_write, load_checkpoint, save_checkpoint, write_text
 
 
@@ -40,11 +41,11 @@ def test_hostile_checkpoint_is_refused_without_running_code(tmp_path):
     torch.save({"model": Evil()}, path, pickle_protocol=2)
     if os.path.exists("/tmp/reid-pwned"):
         os.unlink("/tmp/reid-pwned")
-    with pytest.raises(ValueError, match="not a loadable reid checkpoint"):
+    with pytest.raises(ReidError, match="not a loadable reid checkpoint"):
         load_checkpoint(path)
     assert not os.path.exists("/tmp/reid-pwned")
     path.write_bytes(pickle.dumps("x")[:3])
-    with pytest.raises(ValueError, match="best.pt"):
+    with pytest.raises(ReidError, match="best.pt"):
         load_checkpoint(path)
     save_checkpoint(path, {"w": torch.ones(2), "epoch": 3, "history": [{"loss": 1.0}]})
     assert load_checkpoint(path)["epoch"] == 3

@@ -180,7 +180,7 @@ def test_blend_centres_equals_the_dense_definition():
 def test_candidates_with_centres_fix_a_misleading_photo():
     from types import SimpleNamespace
 
-    from reid.train import tune_policies
+    from reid.retrieval import tune_policies
 
     # the query's nearest photo is of "b" (0.8 against 0.6), but the class centre of "a" is far the nearer one
     query = np.array([[1.0, 0.0, 0.0]], np.float32)
