@@ -1,7 +1,7 @@
 """Ablation of the training recipe: each switch against the plain recipe and the default, the same wall time each,
-on the synthetic set, with two seeds. Results go to docs/ablation.csv (one row per run, so an interrupted ablation
-resumes) and docs/ablation.md (the table). A finished (recipe, seed) row is not run again, so another --data needs
-its own --results.
+on the synthetic set, with two seeds. Results go to RESULTS/ablation.csv (one row per run, so an interrupted ablation
+resumes) and RESULTS/ablation.md (the table); RESULTS defaults to runs/ablation, never a tracked folder. A finished
+(recipe, seed) row is not run again, so another --data needs its own --results.
 
     python scripts/ablate.py [--minutes 1.0 | --epochs N] [--seeds 0 1] [--only NAME ...] [--variants FILE]
                              [--parallel P] [--data data/synth] [--results DIR] [--extra KEY=VALUE ...]
@@ -21,19 +21,19 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-# the issue's plain recipe whatever configs/demo.yaml adds: average pooling of one whole map, ArcFace, flips only
+# the plain recipe whatever configs/scratch.yaml adds: average pooling of one whole map, ArcFace, flips only
 PLAIN_PARTS = ["model.pooling=avg", "model.out_indices=[4]", "model.stripes=1", "aug.color=0", "aug.affine=0",
                "loss.level_weight=0"]
 PLAIN = PLAIN_PARTS + ["train.schedule=cosine"]  # cosine: the schedule its rows were measured with
-# SGD needs its own rate, decay and clipping; at lr 0.3 it wins on reid synth and loses on docs/heldout.md
+# SGD needs its own rate, decay and clipping; at lr 0.3 it wins on reid synth and loses on the second set
 SGD = ["train.optimizer=sgd", "train.lr=0.3", "train.weight_decay=0.0005", "train.grad_clip=1"]
 SGD_01 = ["train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=0.0005", "train.grad_clip=5"]
-RECIPES = {  # name -> overrides of configs/demo.yaml
+RECIPES = {  # name -> overrides of configs/scratch.yaml
     "plain: avg pool on the last level, ArcFace, flips only": PLAIN,
     "plain with SGD (lr 0.3, clip 1)": PLAIN + SGD,
     "plain with SGD (lr 0.1, clip 5)": PLAIN + SGD_01,  # the plain recipe's best so far
     "plain with SGD (lr 0.1, clip 5), step decay": PLAIN_PARTS + SGD_01 + ["train.schedule=step"],  # the default's
-    "default (configs/demo.yaml)": [],
+    "default (configs/scratch.yaml)": [],
     "+ label smoothing 0.1": ["loss.label_smoothing=0.1"],
     "+ sub-center ArcFace, k=3": ["loss.head=subcenter"],
     "+ margins growing for rare individuals": ["loss.margin_rare=0.1"],
@@ -63,7 +63,7 @@ def run_one(name: str, overrides: list[str], seed: int, budget: list[str], data:
     # and runs on two data sets at once don't write into each other's folder
     key = json.dumps([name, list(overrides), seed, budget, list(extra), str(data.resolve())]).encode()
     run = out / hashlib.sha1(key).hexdigest()[:10]
-    cmd = [sys.executable, "-m", "reid.cli", "train", "--config", str(ROOT / "configs/demo.yaml"), "--data",
+    cmd = [sys.executable, "-m", "reid.cli", "train", "--config", str(ROOT / "configs/scratch.yaml"), "--data",
            str(data), "--out", str(run), "--force", f"train.seed={seed}", f"split.seed={0}", "train.val_every=1000",
            *budget, *extra, *overrides]
     start = time.perf_counter()
@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT / "data/synth")
     p.add_argument("--only", nargs="*", default=None, help="recipe names (prefix match)")
     p.add_argument("--variants", type=Path, help="JSON {name: [overrides]}: more recipes beside the built-in ones")
-    p.add_argument("--results", type=Path, default=ROOT / "docs", help="where ablation.csv and ablation.md go")
+    p.add_argument("--results", type=Path, default=ROOT / "runs" / "ablation", help="where ablation.csv and .md go")
     p.add_argument("--extra", nargs="*", default=[], help="key=value overrides for every recipe (e.g. workers)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))

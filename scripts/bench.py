@@ -1,6 +1,7 @@
-"""Benchmarks, each against the plain alternative run side by side in this process. Writes bench/results.json.
+"""Benchmarks, each against the plain alternative run side by side in this process. Appends to OUT/results.json
+(default runs/bench/results.json, never a tracked file); the README's table is updated by hand from it.
 
-    python scripts/bench.py [--only data,loader,layout,stripes,search,rank,hnsw,gpu] [--quick]
+    python scripts/bench.py [--only data,loader,layout,stripes,search,rank,hnsw,gpu] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def bench_loader(steps: int) -> None:
     if not (data / "train.csv").exists():
         data = Path(tempfile.mkdtemp(prefix="reid-bench-")) / "synth"
         write_set(data, SynthSpec(individuals=120))
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={data}", f"train.max_steps_per_epoch={steps}"])
+    cfg = load_config(ROOT / "configs" / "scratch.yaml", [f"data.root={data}", f"train.max_steps_per_epoch={steps}"])
     out = Path(tempfile.mkdtemp(prefix="reid-bench-run-"))
     trainer = Trainer(cfg, out)
     trainer.train_epoch()  # warm-up: worker start, allocator
@@ -272,7 +273,7 @@ def bench_layout(repeats: int, batch: int = 32) -> None:
     from reid.config import load_config
     from reid.model import ReidNet
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [])
+    cfg = load_config(ROOT / "configs" / "scratch.yaml", [])
     model = ReidNet(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size)
@@ -355,7 +356,7 @@ def bench_stripes(repeats: int, batch: int = 32) -> None:
     from reid.config import load_config
     from reid.model import ReidNet
 
-    cfgs = {n: load_config(ROOT / "configs" / "demo.yaml", [f"model.stripes={n}"]) for n in (1, 2, 4)}
+    cfgs = {n: load_config(ROOT / "configs" / "scratch.yaml", [f"model.stripes={n}"]) for n in (1, 2, 4)}
     models = {n: ReidNet(c.model).train().to(memory_format=torch.channels_last) for n, c in cfgs.items()}
     size = cfgs[1].data.image_size
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -376,6 +377,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="data,loader,layout,stripes,search,rank,hnsw,gpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="folder for results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     parts = args.only.split(",")
@@ -396,8 +398,8 @@ def main() -> None:
         bench_hnsw(20_000 if q else 1_000_000, 200 if q else 2000)
     if "gpu" in parts:
         bench_gpu(3 if q else 20)
-    out = ROOT / "bench" / "results.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {"runs": []}
     old["runs"].append({"date": time.strftime("%Y-%m-%d %H:%M"), "quick": q, "results": RESULTS})
     from reid.files import write_json

@@ -8,7 +8,7 @@ import pytest
 
 from reid.config import load_config
 
-DEFAULT = "default (configs/demo.yaml)"
+DEFAULT = "default (configs/scratch.yaml)"
 STEPPED_PLAIN = "plain with SGD (lr 0.1, clip 5), step decay"
 
 
@@ -46,7 +46,7 @@ def test_pending_skips_finished_rows_and_keeps_failed_ones(ablate, plains):
 
 
 def test_plain_recipe_stays_plain_whatever_the_default_adds(ablate):
-    cfg = load_config(ablate.ROOT / "configs" / "demo.yaml", ablate.PLAIN)
+    cfg = load_config(ablate.ROOT / "configs" / "scratch.yaml", ablate.PLAIN)
     assert (cfg.model.pooling, cfg.model.out_indices, cfg.model.stripes, cfg.model.level_norm) == ("avg", [4], 1, False)
     extras = ("label_smoothing", "margin_rare", "species_weight", "pair_weight", "level_weight")
     assert cfg.loss.head == "arcface" and not any(getattr(cfg.loss, key) for key in extras)
@@ -54,5 +54,5 @@ def test_plain_recipe_stays_plain_whatever_the_default_adds(ablate):
     jitters = {key: value for key, value in dataclasses.asdict(cfg.aug).items() if key not in strengths}
     assert cfg.aug.hflip > 0 and not any(jitters.values()), jitters
     assert cfg.train.schedule == "cosine"  # as its rows were measured, whatever the default's schedule
-    stepped = load_config(ablate.ROOT / "configs" / "demo.yaml", ablate.RECIPES[STEPPED_PLAIN])
+    stepped = load_config(ablate.ROOT / "configs" / "scratch.yaml", ablate.RECIPES[STEPPED_PLAIN])
     assert (stepped.train.schedule, stepped.train.optimizer, stepped.model.pooling) == ("step", "sgd", "avg")

@@ -1,0 +1,35 @@
+"""The repository speaks of the product: no words about how its development was organised, anywhere in it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# what a user cannot act on: work rounds, the machines the work ran on, the tracker
+PROCESS = re.compile(r"\bstops? \d+\b|\bstop \d+'s\b|\b(?:this|an?|earlier|later|next|one) sessions?\b|"
+                     r"\bsession's\b|\blent (?:machine|GPU)s?\b|\bthe issue\b|\bissue's\b|\bthe CEO\b", re.I)
+
+
+def tracked_text_files() -> list[Path]:
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / n for n in names if not n.endswith((".jpg", ".png", ".pt", ".whl"))]
+
+
+def test_process_words_are_caught():
+    for text in ("as measured in stop 41", "an earlier session's machine", "the lent machine", "the issue's list"):
+        assert PROCESS.search(text), text
+    for text in ('scope="session"', "a stop word", "step decay", "the session fixture"):
+        assert not PROCESS.search(text), text
+
+
+def test_no_process_words_in_the_repository():
+    found = []
+    for path in tracked_text_files():
+        if not path.is_file():
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if m := PROCESS.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{i}: {m.group(0)!r}")
+    assert not found, "process words:\n" + "\n".join(found[:40])
