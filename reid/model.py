@@ -232,15 +232,6 @@ def class_centres(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return w, torch.arange(head.num_classes).repeat_interleave(w.shape[0] // head.num_classes)
 
 
-def pair_loss(cfg) -> tuple[nn.Module, nn.Module] | None:
-    """A triplet loss on the hard pairs a multi-similarity miner finds in the batch, or None when off."""
-    if not cfg.pair_weight:
-        return None
-    from pytorch_metric_learning import losses, miners
-
-    return miners.MultiSimilarityMiner(epsilon=0.1), losses.TripletMarginLoss(margin=cfg.pair_margin)
-
-
 def zero_init_last(model: nn.Module) -> int:
     """Zero the scale of the last norm layer in every residual block, so each block starts as an identity
     ("Bag of Tricks"). Returns how many blocks were changed."""
@@ -260,20 +251,6 @@ def head_loss(head: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -
         return head(embeddings.float(), labels)
 
 
-def param_groups(model: nn.Module, head: nn.Module, lr: float, weight_decay: float, head_lr_mult: float,
-                 backbone_lr_mult: float = 1.0, backbone: nn.Module | None = None) -> list:
-    """No weight decay on biases, norm layers and GeM's p (all 1-d); the class centres get their own rate, and so
-    do the parameters of `backbone` (pretrained weights fine-tuned slower than the new layers above them)."""
-    slow = {id(p) for p in backbone.parameters()} if backbone is not None and backbone_lr_mult != 1.0 else set()
-    groups: dict[tuple[bool, bool], list] = {(s, d): [] for s in (False, True) for d in (True, False)}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups[(id(p) in slow, p.ndim > 1)].append(p)
-    out = [{"params": ps, "lr": lr * (backbone_lr_mult if s else 1.0), "weight_decay": weight_decay if d else 0.0}
-           for (s, d), ps in groups.items() if ps or not s]
-    return [*out, {"params": list(head.parameters()), "lr": lr * head_lr_mult, "weight_decay": weight_decay}]
-
-
 def freeze_norm_stats(module: nn.Module) -> int:
     """Put every BatchNorm of `module` in eval mode, so its running statistics stay as pretrained (the affine scale
     and shift still learn). Called after each `train()`. Returns how many were frozen."""
@@ -281,31 +258,6 @@ def freeze_norm_stats(module: nn.Module) -> int:
     for m in norms:
         m.eval()
     return len(norms)
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, progress=None):
-    """Linear warmup, then cosine to zero or steps of x0.1 at 60 % and 85 % of training. `progress()`, when
-    given, says how much of training is done (for a wall-time budget) instead of the step count."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        done = progress() if progress else (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "step":
-            return 0.1 ** ((done >= 0.6) + (done >= 0.85))
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
-    return factor
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Relational embedding distillation: the student's softmax over in-batch cosine similarities follows the
-    teacher's (KL divergence at a temperature). Works whatever the two embedding sizes."""
-    eye = torch.eye(len(student), dtype=torch.bool, device=student.device)
-    s, t = l2n(student), l2n(teacher)
-    s_logits = (s @ s.T / temperature).masked_fill(eye, -1e4)
-    t_logits = (t @ t.T / temperature).masked_fill(eye, -1e4)
-    return F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:

@@ -108,3 +108,58 @@ def last_epoch(out: Path) -> int:
         return int(pd.read_csv(path).epoch.max())
     except (ValueError, KeyError, pd.errors.ParserError):
         return 0
+
+
+def save_best(out: Path, model_state: dict, head, epoch: int, tuned: dict) -> None:
+    """best.pt (weights, class centres and the tuned record predict uses) and threshold.json, its copy for people,
+    written from the same dict; the threshold curve as a plot."""
+    from .files import save_checkpoint, write_json
+    from .model import class_centres
+
+    centres, rows = class_centres(head)
+    record = {"policy": "similarity", "epoch": epoch, **tuned}
+    save_checkpoint(out / "best.pt", {"model": model_state, "epoch": epoch, "threshold": tuned["threshold"],
+                                      "val_map5": tuned["map5"], "centres": centres, "centre_rows": rows,
+                                      "tuned": record})
+    write_json(out / "threshold.json", record)
+    if tuned["grid"]:
+        from .report import plot_threshold
+
+        plot_threshold(tuned, out / "threshold.png")
+
+
+def save_epoch(out: Path, state: dict, history: list[dict]) -> None:
+    """last.pt (everything to resume), metrics.csv and its plot, after every epoch."""
+    from .files import save_checkpoint, write_csv
+    from .report import plot_metrics
+
+    save_checkpoint(out / "last.pt", state)
+    write_csv(out / "metrics.csv", pd.DataFrame(history))
+    plot_metrics(history, out / "metrics.png")
+
+
+def restore(parts: dict, path: Path) -> dict:
+    """Load last.pt into the run's parts ({name: module, optimizer, ... or None}); returns the checkpoint. A file that
+    does not fit this config's parts is one clear error, not torch's traceback."""
+    state = load_checkpoint(path)
+    if bool(state.get("level_heads")) != (parts.get("level_heads") is not None):  # else the optimizer won't fit
+        has = "with" if state.get("level_heads") else "without"
+        raise RunError(f"{path} was trained {has} loss.level_weight, unlike this config: resume it with its own "
+                       "config (no --config), or train again with --force")
+    try:
+        for name, part in parts.items():
+            if part is not None:
+                part.load_state_dict(state[name])
+    except (RuntimeError, ValueError, KeyError) as err:  # weights or groups of another shape than this config's
+        raise RunError(f"{path} does not fit the run this config builds ({str(err).strip().splitlines()[0]}): "
+                       "resume it with its own config (no --config), or train again with --force") from err
+    return state
+
+
+def untuned(cfg: Config) -> dict:
+    """The record of a run without validation photos: nothing tuned, `predict.threshold` or 0.5 until it is set."""
+    threshold = 0.5 if cfg.predict.threshold is None else cfg.predict.threshold
+    log.warning("no validation photos, so no new_individual threshold is tuned: predict uses %.2f unless "
+                "predict.threshold is set", threshold)
+    return {"threshold": threshold, "map5": float("nan"), "grid": [], "curve": [], "map5_similarity": 0.0,
+            "map5_share": 0.0, "map5_species": 0.0}

@@ -313,7 +313,8 @@ def bench_gpu(steps: int, backbone: str = "tf_efficientnet_b6", size: int = 512,
     import torch
 
     from reid.config import load_config
-    from reid.model import ReidNet, build_head, head_loss, param_groups
+    from reid.model import ReidNet, build_head, head_loss
+    from reid.optim import param_groups
 
     if not torch.cuda.is_available():
         print("gpu: no CUDA device, skipped")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from reid.config import load_config
 from reid.train import Trainer
+from reid.validation import validate
 
 
 def rescore(run: Path, settings: list[str]) -> list[dict]:
@@ -22,7 +23,8 @@ def rescore(run: Path, settings: list[str]) -> list[dict]:
     rows = []
     for setting in settings:
         trainer.cfg.predict = load_config(run / "config.yaml", [setting]).predict
-        score = trainer.validate()
+        t = trainer
+        score = validate(t.eval_model, t.head, t.df, t.cfg, t.boxes, t.device, t.classes, t.cache)
         rows.append({"run": str(run), "seed": trainer.cfg.train.seed, "setting": setting, "val_map5": score["val_map5"],
                      "val_map5_known": score["val_map5_known"], "val_map5_new": score["val_map5_new"]})
     return rows

@@ -6,7 +6,8 @@ import torch
 from timm.layers import DropPath
 
 from reid.config import ConfigError, load_config
-from reid.model import GeM, LevelHeads, ModelError, ReidNet, band_counts, build_head, param_groups
+from reid.model import GeM, LevelHeads, ModelError, ReidNet, band_counts, build_head
+from reid.optim import param_groups
 from reid.weights import WeightsError
 
 

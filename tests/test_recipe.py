@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from reid.batch_mix import batch_side, cutmix, ricap
 from reid.cli import main
 from reid.config import load_config
 from reid.data import SeededSampler, build_transform
-from reid.model import build_head, class_margins, distill_loss, zero_init_last
+from reid.losses import distill_loss
+from reid.model import build_head, class_margins, zero_init_last
 from reid.run import RunError
-from reid.train import Trainer, batch_side, cutmix, ricap
+from reid.train import Trainer
 from tests.conftest import TINY
 
 

@@ -100,15 +100,15 @@ def test_unreadable_test_photo_gets_new_individual_first(tmp_path, tiny_set):
 
 def _nan_loss_on(monkeypatch, calls: set[int]):
     """Make the margin loss NaN on the given 0-based calls, real otherwise."""
-    import reid.train
+    import reid.losses
 
-    real, count = reid.train.head_loss, iter(range(10**6))
+    real, count = reid.losses.head_loss, iter(range(10**6))
 
     def head_loss(head, emb, labels):
         loss = real(head, emb, labels)
         return loss * float("nan") if next(count) in calls else loss
 
-    monkeypatch.setattr(reid.train, "head_loss", head_loss)
+    monkeypatch.setattr(reid.losses, "head_loss", head_loss)
 
 
 def test_a_few_non_finite_losses_are_skipped_without_poisoning_the_weights(tmp_path, tiny_overrides, monkeypatch,

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from reid.config import ConfigError, load_config
-from reid.model import ModelError, ReidNet, freeze_norm_stats, input_stats, param_groups
+from reid.model import ModelError, ReidNet, freeze_norm_stats, input_stats
+from reid.optim import param_groups
 from reid.weights import WeightsError, load_into, resolve
 
 
