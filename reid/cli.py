@@ -1,4 +1,5 @@
-"""The `reid` command: synth, prepare, train, predict, evaluate, config. Heavy imports happen inside commands."""
+"""The `reid` command: synth, prepare, train, predict, evaluate, catalogue, identify, enroll, config. Heavy imports
+happen inside commands."""
 
 from __future__ import annotations
 
@@ -86,6 +87,33 @@ def _evaluate(args) -> None:
         print(json.dumps(s))
 
 
+def _catalogue(args) -> None:
+    from .catalogue import build
+
+    print(build(Path(args.run), Path(args.out), Path(args.data) if args.data else None, args.force))
+
+
+def _identify(args) -> None:
+    from .catalogue import identify
+    from .files import write_csv
+
+    table = identify(Path(args.catalogue), [Path(p) for p in args.photos], Path(args.crops) if args.crops else None,
+                     args.top)
+    if args.out:
+        print(write_csv(Path(args.out), table))
+        return
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.width", 160, "display.max_colwidth", 48):
+        print(table.assign(best_photo=table.best_photo.map(lambda p: Path(p).name)).to_string(index=False))
+
+
+def _enroll(args) -> None:
+    from .catalogue import enroll
+
+    print(json.dumps(enroll(Path(args.catalogue), Path(args.csv), Path(args.images) if args.images else None)))
+
+
 def _show_config(args) -> None:
     from .config import dump_config
 
@@ -151,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--train", default=None, help="train.csv: solution ids absent from it count as new individuals")
     e.add_argument("--json", action="store_true", help="also print every figure as one JSON line")
     e.set_defaults(func=_evaluate)
+
+    k = sub.add_parser("catalogue", help="embed a run's known photos once into a catalogue folder",
+                       formatter_class=fmt, parents=[common])
+    k.add_argument("--run", required=True, help="run folder whose best.pt embeds the photos")
+    k.add_argument("--data", default=None, help="data folder with train.csv (default: the run's data.root)")
+    k.add_argument("--out", required=True, help="catalogue folder to write")
+    k.add_argument("--force", action="store_true", help="replace an existing catalogue")
+    k.set_defaults(func=_catalogue)
+
+    i = sub.add_parser("identify", help="ranked candidates for new photos against a catalogue", formatter_class=fmt,
+                       parents=[common])
+    i.add_argument("--catalogue", required=True, help="catalogue folder from reid catalogue")
+    i.add_argument("photos", nargs="+", help="photo files or folders of photos")
+    i.add_argument("--crops", default=None, help="box CSV (image,x1,y1,x2,y2) for these photos")
+    i.add_argument("--top", type=int, default=5, help="candidates per photo")
+    i.add_argument("--out", default=None, help="CSV to write (default: a table on the terminal)")
+    i.set_defaults(func=_identify)
+
+    n = sub.add_parser("enroll", help="add confirmed photos and new individuals to a catalogue, no retraining",
+                       formatter_class=fmt, parents=[common])
+    n.add_argument("--catalogue", required=True, help="catalogue folder from reid catalogue")
+    n.add_argument("--csv", required=True, help="decisions: image,individual_id[,species]")
+    n.add_argument("--images", default=None, help="folder the image names of --csv are in")
+    n.set_defaults(func=_enroll)
 
     g = sub.add_parser("config", help="print the resolved config: defaults, a YAML file and overrides",
                        formatter_class=fmt, parents=[common])

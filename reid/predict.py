@@ -74,6 +74,8 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
         tuned = tune_ensemble(runs[0], gallery_df, emb["gallery"], ok["gallery"], cfg)
     qe, rerank = holdout_switches(cfg, tuned)
     centres = run_centres(runs, meta, set(labels[ok["gallery"]])) if cfg.predict.centre_weight else None
+    if centres is not None:  # individuals seen only in validation get a stand-in centre on the trained ones' scale
+        centres = retrieval.stand_in_centres(emb["gallery"][ok["gallery"]], labels[ok["gallery"]], *centres)
     check_search(retrieval.search_settings(cfg.predict, centres is not None), tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
                                      cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,

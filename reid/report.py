@@ -69,3 +69,23 @@ def write_report(run: Path) -> Path:
            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}" \
            "td,th{border:1px solid #ccc;padding:2px 6px}</style>" + "\n".join(parts)
     return write_text(run / "report.html", page)
+
+
+def plot_match(query: Path, candidates: list[tuple[Path, str, float, bool]], path: Path, title: str = "") -> None:
+    """A query photo beside a photo of each candidate (individual id, similarity; the right one in green): what a
+    person checks before confirming a match."""
+    from .data import decode
+
+    plt = _figure()
+    fig, axes = plt.subplots(1, 1 + len(candidates), figsize=(2.6 * (1 + len(candidates)), 2.9))
+    panels = [(query, title or "query", None), *[(p, f"{i}\n{s:.3f}", ok) for p, i, s, ok in candidates]]
+    for ax, (photo, text, ok) in zip(axes, panels, strict=True):
+        ax.imshow(decode(photo, 2) if Path(photo).is_file() else [[0]])
+        ax.set_title(text, fontsize=9, color={True: "green", False: "black", None: "black"}[ok])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set(color="green" if ok else "#999", linewidth=3 if ok else 1)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=80))
+    plt.close(fig)

@@ -242,12 +242,18 @@ def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, scores: np.nda
 
 
 def blend_centres(queries: np.ndarray, ids: np.ndarray, sims: np.ndarray, centres: np.ndarray, centre_ids: np.ndarray,
-                  weight: float, k: int = 50, index: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+                  weight: float, k: int = 50, index: str = "flat", scale: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank each query's candidate individuals by (1 - weight) * photo similarity + weight * cosine to the
     individual's trained class centre (the ArcFace weights; sub-centres: the best one). A candidate missing from
     one of the two top-k lists takes that list's lowest score for the query; one without a centre (not in the
-    training split) keeps its photo similarity. Returns the top five (ids, sims)."""
+    training split) keeps its photo similarity; `scale` multiplies each centre's cosines (stand-in centres, brought
+    to the trained centres' level). Returns the top five (ids, sims)."""
     c_scores, c_idx = search(queries, centres, k, kind=index)
+    if scale is not None:
+        c_scores = np.where(c_idx >= 0, c_scores * scale[np.maximum(c_idx, 0)], c_scores)
+        order = np.argsort(-c_scores, axis=1, kind="stable")
+        c_scores, c_idx = np.take_along_axis(c_scores, order, 1), np.take_along_axis(c_idx, order, 1)
     has_centre = set(centre_ids.tolist())
     out_ids, out_sims = np.full((len(ids), TOP), "", dtype=object), np.full((len(ids), TOP), -np.inf, np.float32)
     for q in range(len(ids)):
@@ -262,6 +268,37 @@ def blend_centres(queries: np.ndarray, ids: np.ndarray, sims: np.ndarray, centre
         best = sorted(score.items(), key=lambda kv: -kv[1])[:TOP]
         out_ids[q, : len(best)], out_sims[q, : len(best)] = [i for i, _ in best], [s for _, s in best]
     return out_ids, out_sims
+
+
+def stand_in_centres(emb: np.ndarray, labels: np.ndarray, centres: np.ndarray, centre_ids: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class centres for every individual: the trained ones, and for an individual without one (seen only in
+    validation, or enrolled later) the normalised mean of its photos' embeddings. Its cosines are scaled by how the
+    trained individuals' centres relate to their own means: the ratio of a photo's cosine to its centre to its cosine
+    to the mean of the individual's other photos, over the trained individuals with two photos or more. So it is
+    neither favoured nor buried. Returns (vectors, ids, score scale per row)."""
+    missing = np.setdiff1d(np.unique(labels), centre_ids)
+    scale = np.ones(len(centres), np.float32)
+    if not len(missing):
+        return centres, centre_ids, scale
+    row = {c: i for i, c in enumerate(centre_ids)}
+    to_centre, to_mean = [], []
+    for c in np.unique(labels):
+        photos = emb[labels == c]
+        if c in row and len(photos) > 1:
+            to_centre.append(float((photos @ centres[row[c]]).mean()))
+            to_mean.append(_held_out_cosine(photos))
+    a = float(np.clip(np.mean(to_centre) / max(np.mean(to_mean), 1e-6), 0.0, 1.0)) if to_mean else 1.0
+    keep = np.isin(labels, missing)
+    means, ids = individual_gallery(emb[keep], labels[keep])
+    vectors = np.concatenate([centres, means]).astype(np.float32)
+    return vectors, np.concatenate([centre_ids, ids]), np.concatenate([scale, np.full(len(ids), a, np.float32)])
+
+
+def _held_out_cosine(photos: np.ndarray) -> float:
+    """The mean cosine of each photo to the normalised mean of the individual's other photos (at least two)."""
+    total = photos.sum(axis=0)
+    return float(np.mean([p @ normalize((total - p)[None])[0] for p in photos]))
 
 
 def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int = 50, gallery_mode: str = "photo",
@@ -283,7 +320,8 @@ def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: 
     ids, sims = widen(queries, gallery, labels, ids, sims, k, index)
     if not blend:
         return ids, sims
-    return blend_centres(queries, ids, sims, *centres, centre_weight, k, index)
+    vectors, centre_ids, *scale = centres  # (vectors, ids[, score scale per centre])
+    return blend_centres(queries, ids, sims, vectors, centre_ids, centre_weight, k, index, *scale)
 
 
 def widen(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, ids: np.ndarray, sims: np.ndarray, k: int,

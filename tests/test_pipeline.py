@@ -86,9 +86,14 @@ def test_class_centres_are_saved_and_blended_at_predict(trained, tiny_set, tmp_p
     assert "tuned with predict.tta_scales=[1.0] and is applied at [1.0, 1.25]" in caplog.text
     test, gallery = list_test(tiny_set), read_train(tiny_set)
     _, emb, _, _ = ensemble_embeddings([trained], {"test": test, "gallery": gallery}, ["predict.tta_scales=[1, 1.25]"])
-    # at weight 1 an individual scores its centre's cosine, or without a centre (validation only) its best photo's
-    photo = pd.DataFrame(emb["test"] @ emb["gallery"].T, columns=gallery.individual_id).T.groupby(level=0).max().T
-    photo[classes] = emb["test"] @ centres.T
+    # at weight 1 an individual scores its centre's cosine; one without a trained centre (validation only) scores its
+    # stand-in's: the mean of its photos, its cosine scaled to the trained centres' level
+    from reid.retrieval import stand_in_centres
+
+    vectors, ids, scale = stand_in_centres(emb["gallery"], gallery.individual_id.to_numpy(dtype=object), centres,
+                                           np.asarray(classes, dtype=object))
+    assert set(ids) == set(gallery.individual_id) and len(ids) > len(classes)
+    photo = pd.DataFrame(emb["test"] @ vectors.T * scale, columns=ids)
     first = pd.read_csv(tmp_path / "c_candidates.csv").query("rank == 1").set_index("image").loc[test.image]
     assert np.allclose(first.similarity, photo.max(axis=1), atol=1e-3)
     assert (first.individual_id.to_numpy() == photo.idxmax(axis=1).to_numpy()).mean() > 0.9  # ties may swap
