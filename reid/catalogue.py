@@ -155,7 +155,9 @@ def identify(cat: Path, inputs: list[Path], crops: Path | None = None, top: int 
             rows.append({"image": name, "rank": r + 1, "individual_id": ind, "species": species.get(ind, ""),
                          "similarity": round(float(s), 4), "best_photo": photos.path.iloc[best],
                          "likely_new": bool(sims[i, 0] < manifest["threshold"])})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs.update(queries=dict(zip(queries.image, queries.path, strict=True)), threshold=manifest["threshold"])
+    return table
 
 
 def enroll(cat: Path, decisions: Path, images: Path | None = None) -> dict:

@@ -99,6 +99,10 @@ def _identify(args) -> None:
 
     table = identify(Path(args.catalogue), [Path(p) for p in args.photos], Path(args.crops) if args.crops else None,
                      args.top)
+    if args.html:
+        from .review import review_page
+
+        print(review_page(table, table.attrs["queries"], Path(args.html), table.attrs["threshold"]))
     if args.out:
         print(write_csv(Path(args.out), table))
         return
@@ -195,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--crops", default=None, help="box CSV (image,x1,y1,x2,y2) for these photos")
     i.add_argument("--top", type=int, default=5, help="candidates per photo")
     i.add_argument("--out", default=None, help="CSV to write (default: a table on the terminal)")
+    i.add_argument("--html", default=None, help="also write a review page: confirm, mark new, save decisions.csv")
     i.set_defaults(func=_identify)
 
     n = sub.add_parser("enroll", help="add confirmed photos and new individuals to a catalogue, no retraining",
