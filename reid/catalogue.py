@@ -126,7 +126,25 @@ def list_photos(inputs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame({"image": [p.name for p in good], "path": [str(p.resolve()) for p in good]})
 
 
-def identify(cat: Path, inputs: list[Path], crops: Path | None = None, top: int = retrieval.TOP) -> pd.DataFrame:
+def embed_onnx(path: Path, queries: pd.DataFrame, cfg, boxes: list[dict], manifest: dict
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The photos' embeddings from an ONNX file of the catalogue's model (`reid export`), with onnxruntime."""
+    import torch
+
+    from .export import OnnxEmbedder
+    from .inference import make_loader, photo_dataset
+
+    embedder = OnnxEmbedder(path)
+    if embedder.meta.get("fingerprint") != manifest["fingerprint"]:
+        raise RunError(f"--onnx {path} holds another model than the catalogue's; export it from {manifest['run']}")
+    loader = make_loader(photo_dataset(queries, cfg, boxes, False, on_error="blank"), cfg, torch.device("cpu"),
+                         cfg.predict.batch_size)
+    parts = [(embedder(b["images"].numpy()), b["indices"].numpy() >= 0) for b in loader]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def identify(cat: Path, inputs: list[Path], crops: Path | None = None, top: int = retrieval.TOP,
+             onnx: Path | None = None) -> pd.DataFrame:
     """Ranked candidates for each photo: rank, individual_id, species, similarity, the candidate's best-matching
     catalogue photo, and whether the photo is likely a new individual under the run's threshold. Only the new
     photos are embedded."""
@@ -134,7 +152,10 @@ def identify(cat: Path, inputs: list[Path], crops: Path | None = None, top: int 
     cfg, model, _, device = _model_for(manifest, cat)
     queries = list_photos(inputs)
     boxes = read_boxes(crops.parent, [crops.name]) if crops else []
-    q, ok = embed_frame(model, queries, cfg, boxes, device, None, "identify", on_error="blank")
+    if onnx is not None:
+        q, ok = embed_onnx(onnx, queries, cfg, boxes, manifest)
+    else:
+        q, ok = embed_frame(model, queries, cfg, boxes, device, None, "identify", on_error="blank")
     queries, q = queries[ok].reset_index(drop=True), q[ok]
     labels = photos.individual_id.to_numpy(dtype=object)
     weight = manifest["centre_weight"]

@@ -1,5 +1,5 @@
-"""The `reid` command: synth, prepare, train, predict, evaluate, catalogue, identify, enroll, config. Heavy imports
-happen inside commands."""
+"""The `reid` command: synth, prepare, train, predict, evaluate, catalogue, identify, enroll, export, config. Heavy
+imports happen inside commands."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def _identify(args) -> None:
     from .files import write_csv
 
     table = identify(Path(args.catalogue), [Path(p) for p in args.photos], Path(args.crops) if args.crops else None,
-                     args.top)
+                     args.top, Path(args.onnx) if args.onnx else None)
     if args.html:
         from .review import review_page
 
@@ -116,6 +116,12 @@ def _enroll(args) -> None:
     from .catalogue import enroll
 
     print(json.dumps(enroll(Path(args.catalogue), Path(args.csv), Path(args.images) if args.images else None)))
+
+
+def _export(args) -> None:
+    from .export import export
+
+    print(export(Path(args.run), Path(args.out)))
 
 
 def _show_config(args) -> None:
@@ -199,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--crops", default=None, help="box CSV (image,x1,y1,x2,y2) for these photos")
     i.add_argument("--top", type=int, default=5, help="candidates per photo")
     i.add_argument("--out", default=None, help="CSV to write (default: a table on the terminal)")
+    i.add_argument("--onnx", default=None, help="embed the photos with this ONNX file of the model (onnxruntime)")
     i.add_argument("--html", default=None, help="also write a review page: confirm, mark new, save decisions.csv")
     i.set_defaults(func=_identify)
 
@@ -208,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--csv", required=True, help="decisions: image,individual_id[,species]")
     n.add_argument("--images", default=None, help="folder the image names of --csv are in")
     n.set_defaults(func=_enroll)
+
+    x = sub.add_parser("export", help="the run's embedding network as ONNX, its input statistics in the metadata",
+                       formatter_class=fmt, parents=[common])
+    x.add_argument("--run", required=True, help="run folder")
+    x.add_argument("--out", required=True, help="ONNX file to write")
+    x.set_defaults(func=_export)
 
     g = sub.add_parser("config", help="print the resolved config: defaults, a YAML file and overrides",
                        formatter_class=fmt, parents=[common])

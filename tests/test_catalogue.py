@@ -118,3 +118,36 @@ def test_an_individual_without_a_centre_is_neither_favoured_nor_buried():
     assert false_own < 1.5 * false_trained  # and put first for others' photos about as often
     _, _, false_raw, _ = np.mean([_rates(s, fair=False) for s in range(6)], axis=0)
     assert false_raw > 1.5 * false_trained  # unscaled, the mean of its photos is favoured
+
+
+def test_onnx_export_matches_torch_on_real_photos_and_identifies_alike(run, tiny_set, tmp_path):
+    import onnx
+
+    from reid.catalogue import embed_onnx, load
+    from reid.config import load_config
+    from reid.inference import embed_frame
+    from reid.run import load_run
+
+    model_file = tmp_path / "model.onnx"
+    assert main(["export", "--run", str(run), "--out", str(model_file)]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(model_file)).metadata_props}
+    cfg = load_config(run / "config.yaml")
+    assert json.loads(meta["input_size"]) == [3, cfg.data.image_size, cfg.data.image_size]
+    assert json.loads(meta["mean"]) == cfg.data.mean and json.loads(meta["std"]) == cfg.data.std
+    assert int(meta["embedding_dim"]) == cfg.model.embedding_dim
+    cat = tmp_path / "cat"
+    assert main(["catalogue", "--run", str(run), "--out", str(cat)]) == 0
+    manifest = load(cat)[0]
+    photos = pd.DataFrame({"image": sorted(p.name for p in (tiny_set / "test_images").iterdir())[:6]})
+    photos["path"] = [str(tiny_set / "test_images" / n) for n in photos.image]
+    ours, ok = embed_onnx(model_file, photos, cfg, [], manifest)
+    _, model, _ = load_run(run)
+    theirs, _ = embed_frame(model.eval(), photos, cfg, [], __import__("torch").device("cpu"))
+    assert ok.all() and np.abs(ours - theirs).max() <= 1e-4
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert main(["identify", "--catalogue", str(cat), str(tiny_set / "test_images"), "--out", str(a)]) == 0
+    assert main(["identify", "--catalogue", str(cat), str(tiny_set / "test_images"), "--out", str(b), "--onnx",
+                 str(model_file)]) == 0
+    pa, pb = pd.read_csv(a), pd.read_csv(b)
+    assert (pa.individual_id == pb.individual_id).mean() > 0.95 and np.allclose(pa.similarity, pb.similarity,
+                                                                                 atol=1e-3)
