@@ -225,3 +225,14 @@ def test_rescore_searches_one_checkpoint_each_way(trained, load_script):
     assert rows[0]["val_map5"] == pytest.approx(last.val_map5)  # the search the run was validated with
     assert [r["setting"] for r in rows] == ["predict.centre_weight=0", "predict.centre_weight=1"]
     assert all(0 <= r["val_map5"] <= 1 for r in rows)
+
+
+def test_report_says_what_a_person_wants_first(trained):
+    page = (trained / "report.html").read_text()
+    for words in ("55 photos of 24 individuals", "epochs in", "torch ", "Best validation MAP@5", "right and wrong",
+                  "<details><summary>Config</summary>", "threshold.png"):
+        assert words in page, words
+    assert page.index("Best validation") < page.index("<details>")  # the config and the table come last, folded
+    assert "data:image/jpeg;base64," in page and ">nan<" not in page.lower()
+    tuned = json.loads((trained / "threshold.json").read_text())
+    assert {e["right"] for e in tuned["examples"]} <= {True, False} and tuned["examples"]
