@@ -31,6 +31,10 @@ def stripe_mean(x: torch.Tensor, stripes: int | tuple[int, ...]) -> torch.Tensor
     if stripes == 1:
         return x.mean(dim=(-2, -1))
     # horizontal bands keep the top-to-bottom layout and stay the same under a left-right flip
+    if torch.onnx.is_in_onnx_export():  # the exporter cannot size adaptive pooling after dynamic "same" padding
+        h = int(x.shape[-2])  # a constant: an exported model has one input size
+        bands = [x[:, :, (i * h) // stripes: -((-(i + 1) * h) // stripes)].mean(dim=(-2, -1)) for i in range(stripes)]
+        return torch.stack(bands, dim=2).flatten(1)  # channel-major, as adaptive_avg_pool2d flattens
     return F.adaptive_avg_pool2d(x, (stripes, 1)).flatten(1)
 
 

@@ -374,9 +374,58 @@ def bench_stripes(repeats: int, batch: int = 32) -> None:
         record(f"cpu_train_step_stripes_{n}_over_1", med[n] / med[1], "x", "stripes 1")
 
 
+def bench_field(photos: int, queries: int) -> None:
+    """The field workflow: identify `queries` new photos against a catalogue of `photos`, against embedding the
+    catalogue (what re-embedding on every call would cost), and onnxruntime against torch for the embedding, on a
+    short demo-recipe run of a synthetic set."""
+    import subprocess
+
+    import pandas as pd
+    import torch
+
+    from reid.catalogue import build, identify
+    from reid.export import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        reid = [sys.executable, "-m", "reid.cli"]
+        per_individual = max(2, photos // 250)
+        subprocess.run([*reid, "synth", str(tmp / "set"), "--individuals", str(photos // per_individual),
+                        "--max-photos", str(2 * per_individual), "--min-width", "240", "--max-width", "320"],
+                       check=True, capture_output=True, cwd=ROOT)
+        subprocess.run([*reid, "train", "--config", str(ROOT / "configs/demo.yaml"), "--data", str(tmp / "set"),
+                        "--out", str(tmp / "run"), "train.epochs=1", "train.max_steps_per_epoch=2"], check=True,
+                       capture_output=True, cwd=ROOT)
+        start = time.perf_counter()
+        build(tmp / "run", tmp / "cat")
+        catalogue_s = time.perf_counter() - start
+        n = len(pd.read_csv(tmp / "cat" / "photos.csv"))
+        new = sorted((tmp / "set" / "test_images").iterdir())[:queries]
+        start = time.perf_counter()
+        identify(tmp / "cat", new)
+        identify_s = time.perf_counter() - start
+        record("identify_over_catalogue", identify_s / catalogue_s, "x", f"embedding the {n}-photo catalogue",
+               f"identify {len(new)} photos: {identify_s:.2f} s; catalogue: {catalogue_s:.2f} s")
+        export(tmp / "run", tmp / "m.onnx")
+        from reid.export import OnnxEmbedder
+        from reid.run import load_run
+
+        cfg, model, _ = load_run(tmp / "run")
+        x = torch.rand(32, 3, cfg.data.image_size, cfg.data.image_size)
+        onnx = OnnxEmbedder(tmp / "m.onnx")
+        from reid.export import Embedder
+
+        embedder = Embedder(model)
+        med = interleaved_medians({"torch": lambda: partial(torch.no_grad()(embedder), x),
+                                   "onnx": lambda: partial(onnx, x.numpy())}, 5)
+        record("onnxruntime_embed_over_torch", med["onnx"] / med["torch"], "x", "torch, same batch",
+               f"batch 32 at {cfg.data.image_size} px with flip TTA: onnxruntime {1000 * med['onnx']:.0f} ms, "
+               f"torch {1000 * med['torch']:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="data,loader,layout,stripes,search,rank,hnsw,gpu")
+    parser.add_argument("--only", default="data,loader,layout,stripes,search,rank,hnsw,gpu,field")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="folder for results.json")
     args = parser.parse_args()
@@ -399,6 +448,8 @@ def main() -> None:
         bench_hnsw(20_000 if q else 1_000_000, 200 if q else 2000)
     if "gpu" in parts:
         bench_gpu(3 if q else 20)
+    if "field" in parts:
+        bench_field(300 if q else 1000, 10)
     out = args.out / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {"runs": []}

@@ -219,3 +219,12 @@ def test_multi_size_tta_averages_the_normalized_embeddings_at_each_side():
     multi, _ = embed(model, batches, torch.device("cpu"), flip_tta=False, scales=[0.875, 1.0, 1.125])
     np.testing.assert_allclose(multi, unit(sum(sides)).numpy(), atol=1e-6)
     assert np.abs(multi - single).max() > 1e-4  # the other sides change the embedding
+
+
+def test_band_pooling_for_onnx_export_equals_adaptive_pooling(monkeypatch):
+    from reid.model import stripe_mean
+
+    x = torch.rand(2, 3, 7, 5)  # 7 rows in 4 bands: uneven, overlapping as adaptive pooling makes them
+    expect = stripe_mean(x, 4)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert torch.allclose(stripe_mean(x, 4), expect, atol=1e-6)
