@@ -93,7 +93,8 @@ def main() -> None:
         if not (data / "solution.csv").is_file():
             raise SystemExit(f"--data {data}: no solution.csv to score the test photos against")
     csv = args.out / "results.csv"
-    done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=["recipe", "data", "seed", "error"])
+    done = pd.read_csv(csv, dtype={"error": str}, keep_default_na=False) if csv.is_file() else \
+        pd.DataFrame(columns=["recipe", "data", "seed", "error"])
     for seed in args.seeds:  # seed-major: each finished seed gives paired rows for every recipe
         for data in args.data:
             for name, config, overrides in recipes:

@@ -181,3 +181,34 @@ def test_time_budget_stops_training_and_validates(tmp_path, tiny_set):
                  "train.val_every=1000", "train.time_budget_min=0.02"]) == 0
     metrics = pd.read_csv(run / "metrics.csv")
     assert len(metrics) < 1000 and metrics.val_map5.notna().iloc[-1] and (run / "best.pt").is_file()
+
+
+def test_loss_terms_follow_the_switches_their_weights_and_the_mixing():
+    from reid.losses import Batch, loss_terms, total_loss
+    from reid.model import LevelHeads, ReidNet
+
+    tiny = ["model.backbone=test_efficientnet", "model.out_indices=[1, 2]", "model.embedding_dim=16"]
+    assert [t.name for t in loss_terms(load_config(None, tiny), ReidNet(load_config(None, tiny).model),
+                                       build_head(load_config(None, tiny).loss, 4, 16))] == ["margin"]
+    cfg = load_config(None, [*tiny, "loss.level_weight=0.5", "loss.species_weight=0.3", "loss.pair_weight=0.2"])
+    torch.manual_seed(0)
+    model = ReidNet(cfg.model, n_species=3)
+    head = build_head(cfg.loss, 4, 16)
+    levels = LevelHeads(model.level_channels, cfg.loss, 4, 16)
+    terms = loss_terms(cfg, model, head, levels)
+    assert [(t.name, t.weight, t.mixed) for t in terms] == [("margin", 1.0, True), ("levels", 0.5, True),
+                                                             ("species", 0.3, True), ("pairs", 0.2, False)]
+    x = torch.rand(8, 3, 64, 64)
+    pooled = model.levels(x)
+    labels = torch.tensor([[0, 0], [0, 0], [1, 1], [1, 1], [2, 2], [2, 2], [3, 1], [3, 1]])
+    batch = Batch(x, model.embed(pooled), pooled, labels)
+    perm = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]).roll(2)
+    got = total_loss(terms, batch, [(None, 0.7), (perm, 0.3)])
+    expect = sum(t.weight * (0.7 * t.fn(batch, labels) + 0.3 * t.fn(batch, labels[perm]) if t.mixed
+                             else t.fn(batch, labels)) for t in terms)
+    assert torch.allclose(got, expect, atol=1e-5) and got > 0
+    species = terms[2].fn(batch, labels)
+    assert torch.allclose(species, torch.nn.functional.cross_entropy(model.species_head(batch.emb), labels[:, 1]))
+    smooth = build_head(load_config(None, [*tiny, "loss.label_smoothing=0.3"]).loss, 4, 16)
+    smooth.load_state_dict(head.state_dict())
+    assert not torch.allclose(smooth(batch.emb, labels[:, 0]), head(batch.emb, labels[:, 0]))
