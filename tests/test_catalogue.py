@@ -151,3 +151,33 @@ def test_onnx_export_matches_torch_on_real_photos_and_identifies_alike(run, tiny
     pa, pb = pd.read_csv(a), pd.read_csv(b)
     assert (pa.individual_id == pb.individual_id).mean() > 0.95 and np.allclose(pa.similarity, pb.similarity,
                                                                                  atol=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_review_page_decisions_enroll_a_new_animal_end_to_end(run, tiny_set, tmp_path):
+    import html
+    import re
+    import subprocess
+
+    cat = tmp_path / "cat"
+    assert main(["catalogue", "--run", str(run), "--out", str(cat)]) == 0
+    solution = pd.read_csv(tiny_set / "solution.csv")
+    photo = tiny_set / "test_images" / solution[solution.individual_id == "new_individual"].image.iloc[0]
+    page = tmp_path / "review.html"
+    assert main(["identify", "--catalogue", str(cat), str(photo), "--html", str(page)]) == 0
+    clicks = """<script>window.addEventListener("load", () => {
+      const q = document.querySelector(".query");
+      q.querySelector("input[value=__new__]").click();
+      q.querySelector("input.newid").value = "seal_42";
+      document.getElementById("save").click(); });</script>"""
+    clicked = tmp_path / "clicked.html"
+    clicked.write_text(page.read_text().replace("</pre>", "</pre>" + clicks, 1))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+                          "--dump-dom", f"file://{clicked}"], capture_output=True, text=True, timeout=120).stdout
+    saved = html.unescape(re.search(r'<pre id="saved">(.*?)</pre>', dom, re.S).group(1))
+    assert saved == f"image,individual_id,species\n{photo.name},seal_42,\n"
+    (tmp_path / "decisions.csv").write_text(saved)
+    assert main(["enroll", "--catalogue", str(cat), "--csv", str(tmp_path / "decisions.csv"), "--images",
+                 str(photo.parent)]) == 0
+    assert main(["identify", "--catalogue", str(cat), str(photo), "--out", str(tmp_path / "again.csv")]) == 0
+    assert pd.read_csv(tmp_path / "again.csv").query("rank == 1").individual_id.tolist() == ["seal_42"]
