@@ -139,10 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=fmt, parents=[common])
     p.add_argument("--version", action="version", version=f"reid {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str, func) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=text, formatter_class=fmt, parents=[common])
+        parser.set_defaults(func=func)
+        return parser
+
     over = {"nargs": "*", "metavar": "key=value", "help": "config overrides, e.g. train.epochs=3 (see `reid config`)"}
 
-    s = sub.add_parser("synth", help="write a synthetic set in the Kaggle layout (with solution.csv)",
-                       formatter_class=fmt, parents=[common])
+    s = command("synth", "write a synthetic set in the Kaggle layout (with solution.csv)", _synth)
     s.add_argument("out", help="new folder for the set")
     s.add_argument("--individuals", type=int, default=300, help="individuals with training photos")
     s.add_argument("--new", type=int, default=None, help="individuals seen only in test (default: from --new-share)")
@@ -152,54 +157,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-width", type=int, default=640, help="widest photo, pixels")
     s.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same set")
     s.add_argument("--jobs", type=int, default=-1, help="parallel processes (-1: all cores)")
-    s.set_defaults(func=_synth)
 
-    t = sub.add_parser("train", help="train a model into a run folder", formatter_class=fmt, parents=[common])
+    t = command("train", "train a model into a run folder", _train)
     t.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in defaults)")
     t.add_argument("--data", default=None, help="data folder in the Kaggle layout (overrides data.root)")
     t.add_argument("--out", default="runs/latest", help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--force", action="store_true", help="replace an existing run folder")
     t.add_argument("overrides", **over)
-    t.set_defaults(func=_train)
 
-    c = sub.add_parser("prepare", help="decode, crop and resize every photo once into a cache (parallel)",
-                       formatter_class=fmt, parents=[common])
+    c = command("prepare", "decode, crop and resize every photo once into a cache (parallel)", _prepare)
     c.add_argument("--config", type=Path, default=None, help="YAML config whose data section sets size and crops")
     c.add_argument("--data", default=None, help="data folder in the Kaggle layout (overrides data.root)")
     c.add_argument("--jobs", type=int, default=-1, help="parallel processes (-1: all cores)")
     c.add_argument("overrides", **over)
-    c.set_defaults(func=_prepare)
 
-    r = sub.add_parser("predict", help="write a submission from one run or an ensemble of runs",
-                       formatter_class=fmt, parents=[common])
+    r = command("predict", "write a submission from one run or an ensemble of runs", _predict)
     r.add_argument("--run", action="append", required=True, help="run folder; repeat for an ensemble")
     r.add_argument("--weight", type=float, action="append", help="weight of each --run in an ensemble (> 0)")
     r.add_argument("--data", default=None, help="data folder with test_images/ (default: the run's data.root)")
     r.add_argument("--out", default=None, help="submission CSV (default: RUN/submission.csv)")
     r.add_argument("--force", action="store_true", help="replace an existing submission")
     r.add_argument("overrides", **over)
-    r.set_defaults(func=_predict)
 
-    e = sub.add_parser("evaluate", help="MAP@5 of a submission against a solution file", formatter_class=fmt,
-                       parents=[common])
+    e = command("evaluate", "MAP@5 of a submission against a solution file", _evaluate)
     e.add_argument("submission", help="submission CSV (image,predictions)")
     e.add_argument("solution", help="answers CSV (image,individual_id)")
     e.add_argument("--candidates", default=None, help="predict's candidates CSV (default: beside SUBMISSION)")
     e.add_argument("--train", default=None, help="train.csv: solution ids absent from it count as new individuals")
     e.add_argument("--json", action="store_true", help="also print every figure as one JSON line")
-    e.set_defaults(func=_evaluate)
 
-    k = sub.add_parser("catalogue", help="embed a run's known photos once into a catalogue folder",
-                       formatter_class=fmt, parents=[common])
+    k = command("catalogue", "embed a run's known photos once into a catalogue folder", _catalogue)
     k.add_argument("--run", required=True, help="run folder whose best.pt embeds the photos")
     k.add_argument("--data", default=None, help="data folder with train.csv (default: the run's data.root)")
     k.add_argument("--out", required=True, help="catalogue folder to write")
     k.add_argument("--force", action="store_true", help="replace an existing catalogue")
-    k.set_defaults(func=_catalogue)
 
-    i = sub.add_parser("identify", help="ranked candidates for new photos against a catalogue", formatter_class=fmt,
-                       parents=[common])
+    i = command("identify", "ranked candidates for new photos against a catalogue", _identify)
     i.add_argument("--catalogue", required=True, help="catalogue folder from reid catalogue")
     i.add_argument("photos", nargs="+", help="photo files or folders of photos")
     i.add_argument("--crops", default=None, help="box CSV (image,x1,y1,x2,y2) for these photos")
@@ -207,27 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default=None, help="CSV to write (default: a table on the terminal)")
     i.add_argument("--onnx", default=None, help="embed the photos with this ONNX file of the model (onnxruntime)")
     i.add_argument("--html", default=None, help="also write a review page: confirm, mark new, save decisions.csv")
-    i.set_defaults(func=_identify)
 
-    n = sub.add_parser("enroll", help="add confirmed photos and new individuals to a catalogue, no retraining",
-                       formatter_class=fmt, parents=[common])
+    n = command("enroll", "add confirmed photos and new individuals to a catalogue, no retraining", _enroll)
     n.add_argument("--catalogue", required=True, help="catalogue folder from reid catalogue")
     n.add_argument("--csv", required=True, help="decisions: image,individual_id[,species]")
     n.add_argument("--images", default=None, help="folder the image names of --csv are in")
-    n.set_defaults(func=_enroll)
 
-    x = sub.add_parser("export", help="the run's embedding network as ONNX, its input statistics in the metadata",
-                       formatter_class=fmt, parents=[common])
+    x = command("export", "the run's embedding network as ONNX, its input statistics in the metadata", _export)
     x.add_argument("--run", required=True, help="run folder")
     x.add_argument("--out", required=True, help="ONNX file to write")
-    x.set_defaults(func=_export)
 
-    g = sub.add_parser("config", help="print the resolved config: defaults, a YAML file and overrides",
-                       formatter_class=fmt, parents=[common])
+    g = command("config", "print the resolved config: defaults, a YAML file and overrides", _show_config)
     g.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in defaults)")
     g.add_argument("--data", default=None, help="data folder (overrides data.root)")
     g.add_argument("overrides", **over)
-    g.set_defaults(func=_show_config)
     return p
 
 
