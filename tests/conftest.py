@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic set made once per session, a tiny CPU config, and the scripts/ modules."""
+"""Shared fixtures: a tiny synthetic set made once per test run, a tiny CPU config, and the scripts/ modules."""
 
 from __future__ import annotations
 
