@@ -78,7 +78,6 @@ class ModelConfig:
     output_stride: int = 32  # 16 or 8: the last stages dilated instead of strided (reid's "last stride 1")
     level_norm: bool = False  # BatchNorm on each pooled level before concatenation: levels weigh the same at start
     stripes: int = 1  # pool each level over this many horizontal bands (PCB parts) instead of the whole map
-    pyramid: bool = False  # also over the halvings of `stripes` down to the whole map (4: 4 + 2 + 1 bands, HPM)
     freeze_bn: bool = False  # the backbone's BatchNorm statistics stay as pretrained (its scale and shift still learn)
 
 

@@ -17,17 +17,8 @@ class ModelError(ReidError):
     """A model that cannot be built as configured; the message says which key to change."""
 
 
-def band_counts(stripes: int, pyramid: bool = False) -> tuple[int, ...]:
-    """How many bands each pooling splits a map into: `stripes`, or with `pyramid` also the halvings down to one
-    (4 -> 4, 2, 1: the horizontal pyramid of HPM re-identification)."""
-    return tuple(stripes >> i for i in range(stripes.bit_length())) if pyramid else (stripes,)  # distinct, falling
-
-
-def stripe_mean(x: torch.Tensor, stripes: int | tuple[int, ...]) -> torch.Tensor:
-    """Mean over each of `stripes` horizontal bands of the map (each count of a tuple in turn), flattened to
-    (N, C * total bands)."""
-    if not isinstance(stripes, int):  # one count alone skips the concatenation's copy
-        return torch.cat([stripe_mean(x, n) for n in stripes], dim=1) if len(stripes) > 1 else stripe_mean(x, *stripes)
+def stripe_mean(x: torch.Tensor, stripes: int) -> torch.Tensor:
+    """Mean over each of `stripes` horizontal bands of the map, flattened to (N, C * stripes)."""
     if stripes == 1:
         return x.mean(dim=(-2, -1))
     # horizontal bands keep the top-to-bottom layout and stay the same under a left-right flip
@@ -40,10 +31,9 @@ def stripe_mean(x: torch.Tensor, stripes: int | tuple[int, ...]) -> torch.Tensor
 
 class GeM(nn.Module):
     """Generalized mean pooling: (mean x^p)^(1/p), p learnable; p=1 is average, large p tends to max pooling.
-    With `stripes` > 1, one GeM per horizontal band (the part pooling of PCB re-identification); a tuple pools at
-    each band count."""
+    With `stripes` > 1, one GeM per horizontal band (the part pooling of PCB re-identification)."""
 
-    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True, stripes: int | tuple[int, ...] = 1):
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True, stripes: int = 1):
         super().__init__()
         self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
         self.eps, self.stripes = eps, stripes
@@ -55,7 +45,7 @@ class GeM(nn.Module):
 
 
 class AvgPool(nn.Module):
-    def __init__(self, stripes: int | tuple[int, ...] = 1):
+    def __init__(self, stripes: int = 1):
         super().__init__()
         self.stripes = stripes
 
@@ -148,9 +138,8 @@ class ReidNet(nn.Module):
     def __init__(self, cfg, n_species: int = 0):
         super().__init__()
         self.backbone = create_backbone(cfg)
-        bands = band_counts(cfg.stripes, cfg.pyramid)
-        channels = [c * sum(bands) for c in self.backbone.feature_info.channels()]
-        pool = (lambda: GeM(cfg.gem_p, stripes=bands)) if cfg.pooling == "gem" else (lambda: AvgPool(bands))
+        channels = [c * cfg.stripes for c in self.backbone.feature_info.channels()]
+        pool = (lambda: GeM(cfg.gem_p, stripes=cfg.stripes)) if cfg.pooling == "gem" else (lambda: AvgPool(cfg.stripes))
         self.pools = nn.ModuleList(pool() for _ in channels)
         # GeM outputs of deep levels are larger than those of shallow ones; a norm per level evens them out
         self.level_norms = nn.ModuleList(nn.BatchNorm1d(c) for c in channels) if cfg.level_norm else None

@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath
 
 from reid.config import ConfigError, load_config
-from reid.model import GeM, LevelHeads, ModelError, ReidNet, band_counts, build_head
+from reid.model import GeM, LevelHeads, ModelError, ReidNet, build_head
 from reid.optim import param_groups
 from reid.weights import WeightsError
 
@@ -27,20 +27,6 @@ def test_stripes_pool_each_horizontal_band_and_ignore_a_left_right_flip():
     assert torch.allclose(gem(x), torch.stack(bands, dim=2).flatten(1), atol=1e-6)  # channel-major, as flattened
     assert torch.allclose(gem(x.flip(-1)), gem(x), atol=1e-6)
     assert not torch.allclose(gem(x.flip(-2)), gem(x), atol=1e-3)  # top and bottom are kept apart
-
-
-def test_pyramid_pools_at_each_halving_of_the_band_count():
-    assert band_counts(4, pyramid=True) == (4, 2, 1) and band_counts(6, pyramid=True) == (6, 3, 1)
-    assert band_counts(4) == (4,) and band_counts(1, pyramid=True) == (1,)
-    x = torch.rand(2, 3, 8, 5) + 0.1
-    parts = [GeM(2.0, stripes=n)(x) for n in (4, 2, 1)]
-    assert torch.allclose(GeM(2.0, stripes=(4, 2, 1))(x), torch.cat(parts, dim=1), atol=1e-6)
-    assert torch.allclose(GeM(2.0, stripes=(4, 2, 1))(x.flip(-1)), torch.cat(parts, dim=1), atol=1e-6)
-    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1, 2, 3]",
-                             "model.embedding_dim=8", "model.stripes=4", "model.pyramid=true"])
-    model = ReidNet(cfg.model).eval()
-    assert model.neck[1].in_features == 7 * sum(model.backbone.feature_info.channels())
-    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 8)
 
 
 @pytest.mark.parametrize("pooling", ["gem", "avg"])
