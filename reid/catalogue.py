@@ -202,9 +202,17 @@ def enroll(cat: Path, decisions: Path, images: Path | None = None) -> dict:
     if clash.any():
         raise DataError(f"{decisions}: {clash.sum()} photo(s) already in the catalogue or listed twice (e.g. "
                         f"{table.path[clash].iloc[0]}); remove those rows")
+    known_species = photos.groupby("individual_id").species.first()
     if "species" not in table:
-        table["species"] = table.individual_id.map(photos.groupby("individual_id").species.first()).fillna("")
+        table["species"] = ""
     table["species"] = table.species.map(species_key)
+    given = table.species.where(table.species != "", table.individual_id.map(known_species)).fillna("")
+    clash = table.individual_id.isin(known_species.index) & (given != table.individual_id.map(known_species))
+    if clash.any():
+        row = table[clash].iloc[0]
+        raise DataError(f"{decisions}: {row.individual_id} is a {known_species[row.individual_id]} in the catalogue, "
+                        f"not a {row.species}; check the id, or give the new animal a new id")
+    table["species"] = given
     table["image"] = [Path(p).name for p in table.path]
     new_emb, ok = embed_frame(model, table, cfg, [], device, None, "enroll", on_error="blank")
     if not ok.all():

@@ -59,6 +59,12 @@ def test_catalogue_identify_enroll_and_find_the_enrolled_animal(run, tiny_set, t
     assert main(["enroll", "--catalogue", str(cat), "--csv", str(decisions), "--images",
                  str(tiny_set / "test_images")]) == 2
     assert "already in the catalogue" in capsys.readouterr().err
+    known = photos.iloc[0]
+    pd.DataFrame({"image": [new[1]], "individual_id": [known.individual_id], "species": ["not_" + known.species]}
+                 ).to_csv(tmp_path / "clash.csv", index=False)
+    assert main(["enroll", "--catalogue", str(cat), "--csv", str(tmp_path / "clash.csv"), "--images",
+                 str(tiny_set / "test_images")]) == 2
+    assert f"{known.individual_id} is a {known.species} in the catalogue" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["identify", "--catalogue", str(cat), str(tiny_set / "test_images" / new[0])]) == 0
     out = capsys.readouterr().out
