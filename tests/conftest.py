@@ -42,3 +42,24 @@ def load_script():
         return module
 
     return load
+
+
+def browse(page, *flags: str, timeout: int = 60) -> str:
+    """Headless chromium on a local page, a fresh profile each time (a shared one can be locked by the last run);
+    one retry when it hangs. Returns stdout (the DOM with --dump-dom)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    for attempt in range(2):
+        with tempfile.TemporaryDirectory() as profile:
+            try:
+                return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                       "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                                       "--virtual-time-budget=3000", *flags, f"file://{page}"],
+                                      capture_output=True, text=True, timeout=timeout, check=True).stdout
+            except subprocess.TimeoutExpired:
+                if attempt:
+                    raise
+    return ""

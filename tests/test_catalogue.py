@@ -163,7 +163,6 @@ def test_onnx_export_matches_torch_on_real_photos_and_identifies_alike(run, tiny
 def test_review_page_decisions_enroll_a_new_animal_end_to_end(run, tiny_set, tmp_path):
     import html
     import re
-    import subprocess
 
     cat = tmp_path / "cat"
     assert main(["catalogue", "--run", str(run), "--out", str(cat)]) == 0
@@ -178,8 +177,9 @@ def test_review_page_decisions_enroll_a_new_animal_end_to_end(run, tiny_set, tmp
       document.getElementById("save").click(); });</script>"""
     clicked = tmp_path / "clicked.html"
     clicked.write_text(page.read_text().replace("</pre>", "</pre>" + clicks, 1))
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
-                          "--dump-dom", f"file://{clicked}"], capture_output=True, text=True, timeout=120).stdout
+    from tests.conftest import browse
+
+    dom = browse(clicked, "--dump-dom")
     saved = html.unescape(re.search(r'<pre id="saved">(.*?)</pre>', dom, re.S).group(1))
     assert saved == f"image,individual_id,species\n{photo.name},seal_42,\n"
     (tmp_path / "decisions.csv").write_text(saved)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import re
 import shutil
-import subprocess
 
 import cv2
 import numpy as np
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 
 from reid.review import review_page
+from tests.conftest import browse
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -47,11 +47,6 @@ def _table(tmp_path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), queries
 
 
-def _browse(page, flags=()):
-    return subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
-                           *flags, f"file://{page}"], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.skipif(BROWSER is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_the_review_page_renders_and_saves_the_decisions(tmp_path):
     table, queries = _table(tmp_path)
@@ -60,7 +55,7 @@ def test_the_review_page_renders_and_saves_the_decisions(tmp_path):
     assert "file://" not in text and text.count("data:image/jpeg;base64,") == 18  # self-contained
     clicked = tmp_path / "clicked.html"
     clicked.write_text(text.replace("</pre>", "</pre>" + CLICKS, 1))
-    dom = _browse(clicked, ["--dump-dom"]).stdout
+    dom = browse(clicked, "--dump-dom")
     assert re.search(r"<title>queries=3 candidates=15 thumbs=18</title>", dom), dom[:500]
     saved = html.unescape(re.search(r'<pre id="saved">(.*?)</pre>', dom, re.S).group(1))
     assert saved == 'image,individual_id,species\nq0.jpg,id01,beluga\nq1.jpg,"whale, new",\n'
@@ -68,5 +63,5 @@ def test_the_review_page_renders_and_saves_the_decisions(tmp_path):
 
     decisions = pd.read_csv(StringIO(saved), keep_default_na=False)
     assert decisions.individual_id.tolist() == ["id01", "whale, new"]  # what reid enroll reads
-    shot = _browse(page, ["--screenshot=" + str(tmp_path / "shot.png"), "--window-size=1300,900"])
-    assert shot.returncode == 0 and (tmp_path / "shot.png").stat().st_size > 10_000
+    browse(page, "--screenshot=" + str(tmp_path / "shot.png"), "--window-size=1300,900")
+    assert (tmp_path / "shot.png").stat().st_size > 10_000
