@@ -389,9 +389,9 @@ def bench_field(photos: int, queries: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         reid = [sys.executable, "-m", "reid.cli"]
-        per_individual = max(2, photos // 250)
-        subprocess.run([*reid, "synth", str(tmp / "set"), "--individuals", str(photos // per_individual),
-                        "--max-photos", str(2 * per_individual), "--min-width", "240", "--max-width", "320"],
+        # --max-photos 8 gives about 2.5 training photos per individual
+        subprocess.run([*reid, "synth", str(tmp / "set"), "--individuals", str(round(photos / 2.5)),
+                        "--max-photos", "8", "--min-width", "240", "--max-width", "320"],
                        check=True, capture_output=True, cwd=ROOT)
         subprocess.run([*reid, "train", "--config", str(ROOT / "configs/demo.yaml"), "--data", str(tmp / "set"),
                         "--out", str(tmp / "run"), "train.epochs=1", "train.max_steps_per_epoch=2"], check=True,
