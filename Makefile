@@ -13,7 +13,7 @@ ARGS   ?=
 
 $(BIN)/reid: pyproject.toml
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 7 ] || \
-		echo "warning: $$free GB free on this disk; the .venv takes about 6.5 GB (torch and its CUDA libraries)" >&2
+		echo "warning: $$free GB free on this disk; the .venv takes about 6.3 GB (torch and its CUDA libraries)" >&2
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
