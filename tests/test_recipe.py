@@ -212,3 +212,47 @@ def test_loss_terms_follow_the_switches_their_weights_and_the_mixing():
     smooth = build_head(load_config(None, [*tiny, "loss.label_smoothing=0.3"]).loss, 4, 16)
     smooth.load_state_dict(head.state_dict())
     assert not torch.allclose(smooth(batch.emb, labels[:, 0]), head(batch.emb, labels[:, 0]))
+
+
+def test_optimisation_switches_change_the_rate_the_steps_and_the_validated_weights(tmp_path, tiny_set):
+    from reid.optim import build_optimizer
+
+    tiny = [f"data.root={tiny_set}", *TINY]
+    cfg = load_config(None, [*tiny, "train.lr_reference_batch=64"])
+    model = torch.nn.Linear(3, 3)
+    opt = build_optimizer(cfg, model, torch.nn.Linear(3, 3), model, batch_size=16)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.003 * 16 / 64)  # the linear scaling rule
+    trainer = Trainer(load_config(None, [*tiny, "train.accumulate=2", "train.ema=0.5"]), tmp_path / "r")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    steps = []
+    real = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: steps.append(1) or real(*a, **k)
+    batches = iter(trainer.loader)
+    gen = torch.Generator().manual_seed(0)
+    trainer._step(next(batches), gen, 0)
+    assert not steps  # the first of two accumulated batches does not step
+    trainer._step(next(batches), gen, 1)
+    assert len(steps) == 1
+    moved = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)]
+    assert any(moved)
+    # the moving average sits between the first weights and the trained ones: (0.5 * before + 0.5 * after)
+    conv = [n for n, _ in trainer.model.named_parameters()].index("backbone.conv_stem.weight")
+    ema = dict(trainer.ema.module.named_parameters())["backbone.conv_stem.weight"]
+    after = list(trainer.model.parameters())[conv]
+    assert torch.allclose(ema, 0.5 * before[conv] + 0.5 * after, atol=1e-6)
+
+
+def test_feature_switches_change_the_maps_and_the_pooled_levels():
+    from reid.model import ReidNet
+
+    tiny = ["model.backbone=test_efficientnet", "model.out_indices=[1, 2]", "model.embedding_dim=8"]
+    x = torch.rand(2, 3, 64, 64)
+    deep = [*tiny, "model.out_indices=[4]"]
+    plain, fine = ReidNet(load_config(None, deep).model), ReidNet(load_config(None, [*deep, "model.output_stride=16"])
+                                                                     .model)
+    assert fine.backbone(x)[-1].shape[-1] == 2 * plain.backbone(x)[-1].shape[-1]  # the last stage not strided
+    normed = ReidNet(load_config(None, [*tiny, "model.level_norm=true"]).model).train()
+    levels = normed.levels(torch.rand(6, 3, 64, 64) * 3)
+    for level in levels:  # each level standardised over the batch before the concatenation
+        assert torch.allclose(level.mean(0), torch.zeros(level.shape[1]), atol=1e-4)
+    assert ReidNet(load_config(None, tiny).model).level_norms is None
