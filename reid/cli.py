@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--catalogue", required=True, help="catalogue folder from reid catalogue")
     i.add_argument("photos", nargs="+", help="photo files or folders of photos")
     i.add_argument("--crops", default=None, help="box CSV (image,x1,y1,x2,y2) for these photos")
-    i.add_argument("--top", type=int, default=5, help="candidates per photo")
+    i.add_argument("--top", type=int, default=5, choices=range(1, 6), metavar="1-5", help="candidates per photo")
     i.add_argument("--out", default=None, help="CSV to write (default: a table on the terminal)")
     i.add_argument("--onnx", default=None, help="embed the photos with this ONNX file of the model (onnxruntime)")
     i.add_argument("--html", default=None, help="also write a review page: confirm, mark new, save decisions.csv")
