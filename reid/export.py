@@ -65,8 +65,8 @@ class OnnxEmbedder:
             raise RunError("--onnx needs onnxruntime: pip install onnxruntime") from err
         if not path.is_file():
             raise RunError(f"--onnx {path} does not exist; write it with reid export --run RUN --out {path}")
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.meta = dict(self.runtime.get_modelmeta().custom_metadata_map)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self.runtime.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]

@@ -17,7 +17,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_set(tmp_path_factory):
     from reid.synth import SynthSpec, write_set
 
@@ -31,7 +31,7 @@ def tiny_overrides(tiny_set):
     return [f"data.root={tiny_set}", *TINY]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def load_script():
     """Import a file of scripts/ (not a package) as a module: load_script("ablate")."""
 

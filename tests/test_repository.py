@@ -8,8 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # what a user cannot act on: work rounds, the machines the work ran on, the tracker
-PROCESS = re.compile(r"\bstops? \d+\b|\bstop \d+'s\b|\b(?:this|an?|earlier|later|next|one) sessions?\b|"
-                     r"\bsession's\b|\blent (?:machine|GPU)s?\b|\bthe issue\b|\bissue's\b|\bthe CEO\b", re.I)
+ROUND = "sess" + "ion"  # spelt in parts, here and below, so that this file passes its own scan
+PROCESS = re.compile(rf"\bstops? \d+\b|\bstop \d+'s\b|\b(?:this|an?|earlier|later|next|one) {ROUND}s?\b|"
+                     rf"\b{ROUND}'s\b|\blent (?:machine|GPU)s?\b|\bthe issue\b|\bissue's\b|\bthe CEO\b", re.I)
 
 
 def tracked_text_files() -> list[Path]:
@@ -18,11 +19,10 @@ def tracked_text_files() -> list[Path]:
 
 
 def test_process_words_are_caught():
-    # built from parts, so that this file itself passes the scan below
-    for parts in (("as measured in", "stop", "41"), ("an earlier", "sess" + "ion's", "machine"), ("the", "lent", "GPU"),
+    for parts in (("as measured in", "stop", "41"), ("an earlier", ROUND + "'s", "machine"), ("the", "lent", "GPU"),
                   ("the", "iss" + "ue's", "list")):
         assert PROCESS.search(" ".join(parts)), parts
-    for text in ('scope="session"', "a stop word", "step decay", "the session fixture"):
+    for text in (f'scope="{ROUND}"', "a stop word", "step decay", f"the {ROUND} fixture"):
         assert not PROCESS.search(text), text
 
 
