@@ -48,7 +48,7 @@ def build(run: Path, out: Path, data: Path | None = None, force: bool = False) -
         raise RunError(f"{out} already exists; pass --force to replace it or --out elsewhere")
     cfg, model, meta, device = _embedder(run)
     root = Path(data or cfg.data.root)
-    photos = read_train(root, cfg.data.bad_images)
+    photos = read_train(root, cfg.data.bad_images, check=False)  # checked at training; unreadable ones masked below
     emb, ok = embed_frame(model, photos, cfg, read_boxes(root, cfg.data.crops), device, None, "catalogue",
                           on_error="blank")
     photos, emb = photos[ok].reset_index(drop=True), emb[ok]
@@ -95,13 +95,19 @@ def load(cat: Path) -> tuple[dict, pd.DataFrame, np.ndarray, tuple[np.ndarray, n
     return manifest, photos, emb, centres
 
 
-def _model_for(manifest: dict, cat: Path):
+def _model_for(manifest: dict, cat: Path, need_model: bool = True):
+    """The catalogue's run as (config, model, meta, device), refused when its weights changed; without `need_model`
+    (ONNX embeds instead) only the config, and no network is built."""
     run = Path(manifest["run"])
     if not (run / "best.pt").is_file():
         raise RunError(f"{cat} was made by the run {run}, which is not there any more; make the catalogue again")
     if fingerprint(run) != manifest["fingerprint"]:
         raise RunError(f"{cat} was embedded by another model than {run}/best.pt holds now (the run was retrained): "
                        "its embeddings cannot be compared; make the catalogue again with reid catalogue")
+    if not need_model:
+        from .config import load_config
+
+        return load_config(run / "config.yaml"), None, {}, None
     return _embedder(run)
 
 
@@ -149,7 +155,7 @@ def identify(cat: Path, inputs: list[Path], crops: Path | None = None, top: int 
     catalogue photo, and whether the photo is likely a new individual under the run's threshold. Only the new
     photos are embedded."""
     manifest, photos, emb, centres = load(cat)
-    cfg, model, _, device = _model_for(manifest, cat)
+    cfg, model, _, device = _model_for(manifest, cat, need_model=onnx is None)
     queries = list_photos(inputs)
     boxes = read_boxes(crops.parent, [crops.name]) if crops else []
     if onnx is not None:

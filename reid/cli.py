@@ -57,7 +57,7 @@ def _prepare(args) -> None:
     cfg.data.cache = True
     cache: PhotoCache = from_config(cfg)
     root = Path(cfg.data.root)
-    photos = [read_train(root, cfg.data.bad_images)]
+    photos = [read_train(root, cfg.data.bad_images, check=False)]  # prepare decodes, lists and counts bad photos
     if (root / "test_images").is_dir() or (root / "sample_submission.csv").is_file():
         photos.append(list_test(root))
     boxes = read_boxes(root, cfg.data.crops)

@@ -106,7 +106,7 @@ def normalize_species(species: pd.Series) -> pd.Series:
     return fixed
 
 
-def read_train(root: Path, bad_images: str = "error") -> pd.DataFrame:
+def read_train(root: Path, bad_images: str = "error", check: bool = True) -> pd.DataFrame:
     """train.csv validated: columns, empty ids, duplicates, names, files present. Adds a `path` column."""
     path = root / "train.csv"
     df = read_csv(path, ["image", "species", "individual_id"])
@@ -131,7 +131,8 @@ def read_train(root: Path, bad_images: str = "error") -> pd.DataFrame:
                         f"{first!r}); keep one row per image")
     folder = root / "train_images"
     df["path"] = [str(safe_path(folder, name)) for name in df.image]
-    return check_photos(_drop_missing(df, path, bad_images), path, bad_images)
+    df = _drop_missing(df, path, bad_images)
+    return check_photos(df, path, bad_images) if check else df
 
 
 def _drop_missing(df: pd.DataFrame, csv: Path, bad_images: str) -> pd.DataFrame:

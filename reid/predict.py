@@ -64,7 +64,8 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
     tuned_ensemble = len(runs) > 1 and cfg.predict.threshold is None
     if tuned_ensemble:
         check_same_split(runs)
-    gallery_df, test_df = read_train(root, cfg.data.bad_images), list_test(root)
+    # the photos were checked at training; one that cannot be read now is masked out of the gallery below
+    gallery_df, test_df = read_train(root, cfg.data.bad_images, check=False), list_test(root)
     log.info("gallery: %d photos of %d individuals; test: %d photos", len(gallery_df),
              gallery_df.individual_id.nunique(), len(test_df))
     cfg, emb, ok, meta = ensemble_embeddings(runs, {"gallery": gallery_df, "test": test_df}, overrides, weights, root)

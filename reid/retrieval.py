@@ -281,24 +281,24 @@ def stand_in_centres(emb: np.ndarray, labels: np.ndarray, centres: np.ndarray, c
     scale = np.ones(len(centres), np.float32)
     if not len(missing):
         return centres, centre_ids, scale
+    # per photo, vectorised (Kaggle has 15,587 individuals): its cosine to its individual's centre and to the
+    # normalised sum of the individual's other photos; then the mean per individual, then over individuals
+    uniq, inv = np.unique(labels, return_inverse=True)
     row = {c: i for i, c in enumerate(centre_ids)}
-    to_centre, to_mean = [], []
-    for c in np.unique(labels):
-        photos = emb[labels == c]
-        if c in row and len(photos) > 1:
-            to_centre.append(float((photos @ centres[row[c]]).mean()))
-            to_mean.append(_held_out_cosine(photos))
-    a = float(np.clip(np.mean(to_centre) / max(np.mean(to_mean), 1e-6), 0.0, 1.0)) if to_mean else 1.0
+    rows = np.array([row.get(c, -1) for c in uniq])
+    counts = np.bincount(inv, minlength=len(uniq))
+    sums = np.zeros((len(uniq), emb.shape[1]), np.float64)
+    np.add.at(sums, inv, emb)
+    others = sums[inv] - emb
+    to_mean = (emb * others).sum(1) / np.maximum(np.linalg.norm(others, axis=1), 1e-12)
+    to_centre = (emb * centres[np.maximum(rows[inv], 0)]).sum(1)
+    used = (rows >= 0) & (counts > 1)
+    per = lambda x: np.bincount(inv, weights=x, minlength=len(uniq))[used] / counts[used]  # noqa: E731
+    a = float(np.clip(per(to_centre).mean() / max(per(to_mean).mean(), 1e-6), 0.0, 1.0)) if used.any() else 1.0
     keep = np.isin(labels, missing)
     means, ids = individual_gallery(emb[keep], labels[keep])
     vectors = np.concatenate([centres, means]).astype(np.float32)
     return vectors, np.concatenate([centre_ids, ids]), np.concatenate([scale, np.full(len(ids), a, np.float32)])
-
-
-def _held_out_cosine(photos: np.ndarray) -> float:
-    """The mean cosine of each photo to the normalised mean of the individual's other photos (at least two)."""
-    total = photos.sum(axis=0)
-    return float(np.mean([p @ normalize((total - p)[None])[0] for p in photos]))
 
 
 def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int = 50, gallery_mode: str = "photo",

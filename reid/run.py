@@ -138,10 +138,10 @@ def save_epoch(out: Path, state: dict, history: list[dict]) -> None:
     plot_metrics(history, out / "metrics.png")
 
 
-def restore(parts: dict, path: Path) -> dict:
-    """Load last.pt into the run's parts ({name: module, optimizer, ... or None}); returns the checkpoint. A file that
-    does not fit this config's parts is one clear error, not torch's traceback."""
-    state = load_checkpoint(path)
+def restore(parts: dict, path: Path, state: dict | None = None) -> dict:
+    """Load last.pt (or its `state`, already read) into the run's parts ({name: module, optimizer, ... or None});
+    returns the checkpoint. A file that does not fit this config's parts is one clear error, not torch's traceback."""
+    state = state if state is not None else load_checkpoint(path)
     if bool(state.get("level_heads")) != (parts.get("level_heads") is not None):  # else the optimizer won't fit
         has = "with" if state.get("level_heads") else "without"
         raise RunError(f"{path} was trained {has} loss.level_weight, unlike this config: resume it with its own "

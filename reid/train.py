@@ -104,10 +104,10 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else {},
                 "level_heads": self.level_heads.state_dict() if self.level_heads is not None else {}}
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, state: dict | None = None) -> None:
         parts = {"model": self.model, "head": self.head, "optimizer": self.optimizer, "scheduler": self.scheduler,
                  "scaler": self.scaler, "ema": self.ema, "level_heads": self.level_heads}
-        state = restore(parts, path)
+        state = restore(parts, path, state)
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
         log.info("resumed from %s after epoch %d (best validation MAP@5 %.4f)", path, self.epoch, self.best)
 
@@ -280,8 +280,9 @@ def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> 
     trainer = Trainer(cfg, out)
     split = trainer.df[["image", "individual_id", "is_val"]]
     if resume:
-        check_resume(out, load_checkpoint(out / "last.pt"), cfg, trainer.classes, split)
-        trainer.load(out / "last.pt")
+        state = load_checkpoint(out / "last.pt")  # read once: checked against the run, then restored
+        check_resume(out, state, cfg, trainer.classes, split)
+        trainer.load(out / "last.pt", state)
     write_text(out / "config.yaml", dump_config(cfg))
     write_json(out / "labels.json", {"classes": trainer.classes, "species": trainer.species})
     write_csv(out / "split.csv", split)
