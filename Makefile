@@ -8,6 +8,9 @@ RUN    ?= runs/demo
 OUT    ?= $(RUN)/submission.csv
 SYNTH_ARGS ?= --individuals 300 --seed 0
 ARGS   ?=
+FAISS  ?= cpu  # gpu: faiss-gpu instead of faiss-cpu
+GPUS   ?= 1    # >1: make train starts one process per GPU through torchrun (DDP)
+REID_TRAIN = $(if $(filter-out 1,$(GPUS)),$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m reid,$(BIN)/reid) train
 
 .PHONY: setup demo synth train predict evaluate test lint bench ablate clean
 
@@ -15,7 +18,7 @@ $(BIN)/reid: pyproject.toml
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 7 ] || \
 		echo "warning: $$free GB free on this disk; the .venv takes about 6.3 GB (torch and its CUDA libraries)" >&2
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(strip $(FAISS)),dev]"
 	touch $@
 
 setup: $(BIN)/reid
@@ -35,7 +38,7 @@ demo: $(DATA)/train.csv
 	echo "demo: $$(( $$(date +%s) - start )) s for train + predict + evaluate; report: $(RUN)/report.html"
 
 train: | $(BIN)/reid
-	$(BIN)/reid train --config $(CONFIG) --data $(DATA) --out $(RUN) $(ARGS)
+	$(REID_TRAIN) --config $(CONFIG) --data $(DATA) --out $(RUN) $(ARGS)
 
 predict: | $(BIN)/reid
 	$(BIN)/reid predict --run $(RUN) --data $(DATA) --out $(OUT) $(ARGS)

@@ -78,7 +78,10 @@ class ModelConfig:
     output_stride: int = 32  # 16 or 8: the last stages dilated instead of strided (reid's "last stride 1")
     level_norm: bool = False  # BatchNorm on each pooled level before concatenation: levels weigh the same at start
     stripes: int = 1  # pool each level over this many horizontal bands (PCB parts) instead of the whole map
-    freeze_bn: bool = False  # the backbone's BatchNorm statistics stay as pretrained (its scale and shift still learn)
+    # every BatchNorm keeps its running statistics (the backbone's pretrained ones; scale and shift still learn):
+    # for batches too small for statistics, and norms that do not depend on how a batch is split between GPUs
+    freeze_bn: bool = False
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass

@@ -483,19 +483,26 @@ class PhotoDataset(Dataset):
 
 class SeededSampler(Sampler):
     """Shuffled indices, each paired with a per-sample seed, both a function of (seed, epoch) only:
-    a run resumed at an epoch boundary sees exactly the batches of an uninterrupted one."""
+    a run resumed at an epoch boundary sees exactly the batches of an uninterrupted one. With `world` processes
+    each takes its `batch` of every global batch of world * batch photos: the global order is the same for any
+    number of processes (a partial last global batch is dropped)."""
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True, labels=None, m_per_class: int = 0):
+    def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True, labels=None, m_per_class: int = 0,
+                 rank: int = 0, world: int = 1, batch: int = 1):
         self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
         self.labels, self.m = labels, m_per_class
+        self.rank, self.world, self.batch = rank, world, batch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.world == 1 else self.n // (self.world * self.batch) * self.batch
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = self._order(rng)
         seeds = rng.integers(0, 1 << 62, self.n)
+        if self.world > 1:
+            mine = np.arange(len(self) * self.world).reshape(-1, self.world, self.batch)[:, self.rank].ravel()
+            order, seeds = order[mine], seeds[mine]
         return iter(zip(order.tolist(), seeds.tolist(), strict=True))
 
     def _order(self, rng: np.random.Generator) -> np.ndarray:

@@ -66,6 +66,22 @@ def total_loss(terms: list[Term], batch: Batch, parts: list) -> torch.Tensor:
     return total
 
 
+class TrainingLoss(nn.Module):
+    """The network, its margin heads and the loss terms as one module whose forward is a training step's loss: under
+    torchrun, DistributedDataParallel wraps it and reduces the gradients of all it trains, class centres included."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, level_heads: nn.Module | None, terms: list[Term],
+                 amp: Callable = contextlib.nullcontext):
+        super().__init__()
+        self.model, self.head, self.level_heads, self.terms, self.amp = model, head, level_heads, terms, amp
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, parts: list) -> torch.Tensor:
+        with self.amp():
+            pooled = self.model.levels(x)
+            emb = self.model.embed(pooled)
+        return total_loss(self.terms, Batch(x, emb, pooled, labels), parts)
+
+
 def pair_term(cfg) -> Callable[[Batch, torch.Tensor], torch.Tensor]:
     """A triplet loss on the hard pairs a multi-similarity miner finds in the batch (pytorch-metric-learning)."""
     from pytorch_metric_learning import losses, miners

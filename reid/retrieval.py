@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from .errors import NEW
+from .errors import NEW, ReidError
 
 log = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU feature it lacks
@@ -23,11 +23,20 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def import_faiss():
+    """FAISS, imported here (start-up and `reid --help` must not pay for it), from faiss-cpu or faiss-gpu: the two
+    provide the same module, so reid's `cpu` and `gpu` extras each install one."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise ReidError("faiss is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA machine)") from err
+    return faiss
+
+
 def build_index(gallery: np.ndarray, kind: str = "flat", use_gpu: bool = True):
     """A FAISS inner-product index over the gallery: exact `flat`, or `hnsw` / `ivf` for million-photo catalogues.
     Flat and IVF move to the GPU when faiss-gpu sees one; HNSW stays on the CPU (FAISS has no GPU HNSW)."""
-    import faiss  # imported here: start-up and `reid --help` must not pay for it
-
+    faiss = import_faiss()
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     n, d = gallery.shape
     if kind == "hnsw":

@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import distributed
 from .batch_mix import batch_side, mix_batch
 from .cache import from_config as cache_from_config
 from .config import Config, dump_config, to_dict
 from .data import SeededSampler, read_boxes, read_train, split_mask
 from .files import load_checkpoint, write_csv, write_json, write_text
 from .inference import amp_dtype, autocast, make_loader, memory_format, photo_dataset, resize_to, resolve_device
-from .losses import Batch, loss_terms, total_loss
+from .losses import TrainingLoss, loss_terms
 from .model import LevelHeads, ReidNet, build_head, freeze_norm_stats, input_stats, zero_init_last
 from .optim import build_optimizer, lr_lambda
 from .progress import progress_bar
@@ -52,13 +53,16 @@ class Trainer:
 
     def __init__(self, cfg: Config, out: Path):
         self.cfg, self.out = cfg, out
-        self.device, self.bad_steps, self.skipped_photos = resolve_device(cfg.train.device), 0, 0
+        self.device, self.bad_steps, self.skipped_photos = distributed.start(resolve_device(cfg.train.device)), 0, 0
+        distributed.check(cfg, self.device)
         self.dtype = amp_dtype(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
         self.df, self.classes, self.species = prepare_frame(cfg)
         self.boxes, self.cache = read_boxes(Path(cfg.data.root), cfg.data.crops), cache_from_config(cfg)
         self.train_df = self.df[~self.df.is_val].reset_index(drop=True)
         self.model = ReidNet(cfg.model, len(self.species) if cfg.loss.species_weight else 0)
+        if cfg.model.sync_bn and distributed.world_size() > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.train.zero_init_last:
             log.info("zero-initialised the last norm of %d residual blocks", zero_init_last(self.model))
         self.model.to(self.device, memory_format=memory_format(cfg))
@@ -66,8 +70,11 @@ class Trainer:
         self.head = build_head(cfg.loss, len(self.classes), cfg.model.embedding_dim, counts).to(self.device)
         self.level_heads = LevelHeads(self.model.level_channels, cfg.loss, len(self.classes), cfg.model.embedding_dim,
                                       counts).to(self.device) if cfg.loss.level_weight else None
-        self.terms = loss_terms(cfg, self.model, self.head, self.level_heads, build_teacher(cfg, self.device),
-                                lambda: autocast(self.device, self.dtype))
+        amp = lambda: autocast(self.device, self.dtype)  # noqa: E731
+        terms = loss_terms(cfg, self.model, self.head, self.level_heads, build_teacher(cfg, self.device), amp)
+        self.net = distributed.wrap(TrainingLoss(self.model, self.head, self.level_heads, terms, amp), self.device,
+                                    find_unused=cfg.train.head_warmup_epochs > 0 or distributed.world_size() > 1
+                                    and distributed.has_unused_parameters(self.model, cfg.data.image_size))
         self.ema = build_ema(cfg, self.model)
         self.loader, self.sampler = train_loader(self.train_df, cfg, self.boxes, self.device, self.cache)
         self.steps = min(len(self.loader), cfg.train.max_steps_per_epoch or len(self.loader))
@@ -75,7 +82,8 @@ class Trainer:
         if self.level_heads is not None:  # the levels' necks learn as the main neck does, their centres as its centres
             body.append(self.level_heads.necks)
             heads.append(self.level_heads.heads)
-        self.optimizer = build_optimizer(cfg, body, heads, self.model.backbone, self.loader.batch_size)
+        self.optimizer = build_optimizer(cfg, body, heads, self.model.backbone,
+                                         self.loader.batch_size * distributed.world_size())  # the global batch
         updates = self.steps // cfg.train.accumulate
         total, warmup = cfg.train.epochs * updates, int(cfg.train.warmup_epochs * updates)
         self.budget_s, self.started = cfg.train.time_budget_min * 60, time.perf_counter()
@@ -112,21 +120,21 @@ class Trainer:
         log.info("resumed from %s after epoch %d (best validation MAP@5 %.4f)", path, self.epoch, self.best)
 
     def train_epoch(self) -> dict:
-        self.model.train()
+        self.net.train()  # the network and its heads
         warming = self.epoch < self.cfg.train.head_warmup_epochs  # the head warms up on a frozen backbone
         self.model.backbone.requires_grad_(not warming)
-        if warming or self.cfg.model.freeze_bn:
+        if self.cfg.model.freeze_bn:
+            freeze_norm_stats(self.net)
+        elif warming:
             freeze_norm_stats(self.model.backbone)
-        for part in (self.head, self.level_heads):
-            if part is not None:
-                part.train()
         self.sampler.epoch = self.epoch
         torch.manual_seed(self.cfg.train.seed * 1000 + self.epoch)  # dropout etc.: same on resume
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.epoch)
         losses, seen, start, wait = [], 0, time.perf_counter(), 0.0
         tick = time.perf_counter()
         # closed on the way out of an error too, so that the error is the last line the user sees
-        with progress_bar(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step") as bar:
+        with progress_bar(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step",
+                          disable=None if distributed.is_main() else True) as bar:
             for step, batch in enumerate(self.loader):
                 if step >= self.steps or self.out_of_time():
                     break
@@ -154,17 +162,18 @@ class Trainer:
             self.skipped_photos += int((~read).sum())
             batch = {k: v[read] for k, v in batch.items() if k in ("images", "labels")}
             if len(batch["labels"]) < 2:
+                if distributed.world_size() > 1:  # the other processes would wait for this one's gradients
+                    raise RunError("a training batch lost all but one photo to decoding errors; run `reid prepare` "
+                                   "to list the unreadable photos and set data.bad_images=skip")
                 return float("nan")
         x = batch["images"].to(self.device, non_blocking=True)
         side = batch_side(self.cfg.aug, self.cfg.data.image_size, self.progress(), gen)
         x = resize_to(x, (side, side)).contiguous(memory_format=memory_format(self.cfg))
         x, parts = mix_batch(x, self.cfg.aug, gen)
-        with autocast(self.device, self.dtype):
-            pooled = self.model.levels(x)
-            emb = self.model.embed(pooled)
-        loss = total_loss(self.terms, Batch(x, emb, pooled, batch["labels"].to(self.device)), parts)
+        loss = self.net(x, batch["labels"].to(self.device), parts)
         self.scaler.scale(loss / self.cfg.train.accumulate).backward()
-        value = float(loss.detach())  # read after backward is queued, as before, so a GPU does not wait on it
+        # read after backward is queued, so a GPU does not wait on it; the mean over processes, so all skip alike
+        value = float(distributed.mean(loss.detach()))
         if not np.isfinite(value):
             return self._skip_step(step)
         self.bad_steps = 0
@@ -218,14 +227,14 @@ class Trainer:
             self.epoch += 1
             due = self.epoch % cfg.train.val_every == 0 or self.epoch == cfg.train.epochs or self.out_of_time()
             self._end_epoch(row, due)
-        if self.history and "val_map5" not in self.history[-1] and self.df.is_val.any():
+        if self.history and "val_map5" not in self.history[-1] and self.df.is_val.any() and distributed.is_main():
             self._end_epoch(self.history.pop(), True)  # time ran out between epochs: validate the last one
-        if self.best < 0:  # no validation set: the last weights are the best we know
+        if self.best < 0 and distributed.is_main():  # no validation set: the last weights are the best we know
             save_best(self.out, self.eval_model.state_dict(), self.head, self.epoch, untuned(cfg))
 
     def _end_epoch(self, row: dict, due: bool) -> None:
         """Validate if due, keep the best, then write last.pt, the metrics and their plot."""
-        if due:
+        if due and distributed.is_main():  # once, not in every process
             row.update(validate(self.eval_model, self.head, self.df, self.cfg, self.boxes, self.device, self.classes,
                                 self.cache))
         tuned = row.pop("_tuned", None)
@@ -238,17 +247,23 @@ class Trainer:
             log.info("new best validation MAP@5 %.4f at epoch %d (threshold %.3f; MAP@5 by policy: similarity "
                      "%.4f, share %.4f, species %.4f)", tuned["map5"], self.epoch, tuned["threshold"],
                      tuned["map5_similarity"], tuned["map5_share"], tuned["map5_species"])
-        save_epoch(self.out, self.state(), self.history)
+        if distributed.is_main():
+            save_epoch(self.out, self.state(), self.history)
 
 
 def train_loader(train_df: pd.DataFrame, cfg: Config, boxes: list[dict], device: torch.device, cache=None):
     """The training loader over (individual, species) labels and its seeded sampler (m photos per individual when
-    `train.m_per_class` is set); a photo that fails in a worker anyway is dropped from its batch."""
+    `train.m_per_class` is set; under torchrun, this process's share of each global batch); a photo that fails in a
+    worker anyway is dropped from its batch."""
     labels = np.stack([train_df.label, train_df.species_label], 1)
     ds = photo_dataset(train_df, cfg, boxes, True, labels=labels.tolist(), cache=cache, on_error="skip")
-    m = cfg.train.m_per_class
-    sampler = SeededSampler(len(ds), cfg.train.seed, labels=train_df.label.to_numpy() if m else None, m_per_class=m)
-    return make_loader(ds, cfg, device, min(cfg.train.batch_size, len(ds)), sampler, drop_last=True), sampler
+    m, world = cfg.train.m_per_class, distributed.world_size()
+    batch = min(cfg.train.batch_size, len(ds) // world)
+    if batch < 2:
+        raise RunError(f"{len(ds)} training photos cannot fill a batch of 2 in each of {world} processes")
+    sampler = SeededSampler(len(ds), cfg.train.seed, labels=train_df.label.to_numpy() if m else None, m_per_class=m,
+                            rank=distributed.rank(), world=world, batch=batch)
+    return make_loader(ds, cfg, device, batch, sampler, drop_last=True), sampler
 
 
 def build_teacher(cfg: Config, device: torch.device) -> torch.nn.Module | None:
@@ -272,26 +287,38 @@ def build_ema(cfg: Config, model: torch.nn.Module):
 
 def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> Path:
     """Train into the run folder `out`; returns it. Everything is checked (data, model, a resume's fit to the run)
-    before the run's files are written, so a failed start leaves nothing that blocks the next try."""
-    open_run(out, resume, force)
-    add_log_file(out)
+    before the run's files are written, so a failed start leaves nothing that blocks the next try. Under torchrun
+    every process trains and only the first writes the run folder."""
+    main = distributed.is_main()
+    if main:
+        open_run(out, resume, force)
+        add_log_file(out)
+    else:  # one log: the first process's
+        logging.getLogger().setLevel(logging.ERROR)
     cfg.data.root = str(Path(cfg.data.root).resolve())  # the run is used later from other folders
     cfg.data.mean, cfg.data.std = (list(v) for v in input_stats(cfg))  # saved in the run: predict normalizes alike
-    trainer = Trainer(cfg, out)
-    split = trainer.df[["image", "individual_id", "is_val"]]
-    if resume:
-        state = load_checkpoint(out / "last.pt")  # read once: checked against the run, then restored
-        check_resume(out, state, cfg, trainer.classes, split)
-        trainer.load(out / "last.pt", state)
-    write_text(out / "config.yaml", dump_config(cfg))
-    write_json(out / "labels.json", {"classes": trainer.classes, "species": trainer.species})
-    write_csv(out / "split.csv", split)
-    log.info("training %s on %s: %d steps per epoch, %d epochs", cfg.model.backbone, trainer.device,
-             trainer.steps, cfg.train.epochs)
-    trainer.fit()
-    from .report import write_report
+    try:
+        trainer = Trainer(cfg, out)
+        split = trainer.df[["image", "individual_id", "is_val"]]
+        if resume:
+            state = load_checkpoint(out / "last.pt")  # read once: checked against the run, then restored
+            check_resume(out, state, cfg, trainer.classes, split)
+            trainer.load(out / "last.pt", state)
+        if main:
+            write_text(out / "config.yaml", dump_config(cfg))
+            write_json(out / "labels.json", {"classes": trainer.classes, "species": trainer.species})
+            write_csv(out / "split.csv", split)
+        log.info("training %s on %s%s: %d steps per epoch, %d epochs", cfg.model.backbone, trainer.device,
+                 f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "", trainer.steps,
+                 cfg.train.epochs)
+        trainer.fit()
+        distributed.barrier()  # the others wait for the first's last validation and checkpoint
+    finally:
+        distributed.stop()
+    if main:
+        from .report import write_report
 
-    write_report(out)
-    log.info("run finished: %s (%s)", out, f"best validation MAP@5 {trainer.best:.4f}" if trainer.best >= 0 else
-             "no validation photos")
+        write_report(out)
+        log.info("run finished: %s (%s)", out, f"best validation MAP@5 {trainer.best:.4f}" if trainer.best >= 0
+                 else "no validation photos")
     return out

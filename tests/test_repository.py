@@ -35,3 +35,33 @@ def test_no_process_words_in_the_repository():
             if m := PROCESS.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{i}: {m.group(0)!r}")
     assert not found, "process words:\n" + "\n".join(found[:40])
+
+
+def test_faiss_comes_from_one_extra_never_two():
+    """faiss-cpu and faiss-gpu install the same module: the base install holds neither, each extra one of them."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def faiss(reqs: list[str]) -> set[str]:
+        return {r.split(">")[0].split("=")[0].strip() for r in reqs if r.startswith("faiss")}
+
+    assert faiss(project["dependencies"]) == set()
+    assert faiss(project["optional-dependencies"]["cpu"]) == {"faiss-cpu"}
+    assert faiss(project["optional-dependencies"]["gpu"]) == {"faiss-gpu"}
+    assert all(not faiss(reqs) for name, reqs in project["optional-dependencies"].items() if name not in ("cpu", "gpu"))
+    assert 'pip install -q -e ".[$(strip $(FAISS)),dev]"' in (ROOT / "Makefile").read_text()
+
+
+def test_a_missing_faiss_says_which_extra_to_install(monkeypatch):
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from reid.errors import ReidError
+    from reid.retrieval import build_index
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither extra were installed
+    with pytest.raises(ReidError, match=r"faiss is not installed: pip install -e '\.\[cpu\]'"):
+        build_index(np.eye(4, dtype=np.float32))
