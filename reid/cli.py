@@ -18,7 +18,8 @@ def _synth(args) -> None:
     from .synth import SynthSpec, write_set
 
     spec = SynthSpec(individuals=args.individuals, new=args.new, new_share=args.new_share, seed=args.seed,
-                     max_photos=args.max_photos, min_width=args.min_width, max_width=args.max_width)
+                     max_photos=args.max_photos, min_width=args.min_width, max_width=args.max_width, tail=args.tail,
+                     species=args.species)
     print(json.dumps(write_set(args.out, spec, jobs=args.jobs)))
 
 
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new", type=int, default=None, help="individuals seen only in test (default: from --new-share)")
     s.add_argument("--new-share", type=float, default=0.25, help="share of test photos showing new individuals")
     s.add_argument("--max-photos", type=int, default=60, help="most photos of one individual")
+    s.add_argument("--tail", type=float, default=2.0, help="Zipf exponent of photos per individual (2.0: ~60 %% "
+                   "with one photo; 2.1 with --individuals 15587 --max-photos 400: about Kaggle's 51,033 photos)")
+    s.add_argument("--species", choices=("four", "kaggle"), default="four",
+                   help="four drawn species, or the real train.csv's 30 labels with their shares and misspellings")
     s.add_argument("--min-width", type=int, default=320, help="narrowest photo, pixels")
     s.add_argument("--max-width", type=int, default=640, help="widest photo, pixels")
     s.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same set")

@@ -32,6 +32,17 @@ SPECIES = {
 }
 # Spellings the real train.csv uses for some rows; the data layer must normalise them.
 MISSPELLINGS = {"bottlenose_dolphin": "bottlenose_dolpin", "killer_whale": "kiler_whale"}
+# The real train.csv's 30 species labels (four of them misspelt) with their photo counts, and the drawing used for each
+KAGGLE_SPECIES = {
+    "bottlenose_dolphin": 9664, "beluga": 7443, "humpback_whale": 7392, "blue_whale": 4830, "false_killer_whale": 3326,
+    "dusky_dolphin": 3139, "spinner_dolphin": 1700, "melon_headed_whale": 1689, "minke_whale": 1608,
+    "killer_whale": 1493, "fin_whale": 1324, "gray_whale": 1123, "bottlenose_dolpin": 1117, "kiler_whale": 962,
+    "southern_right_whale": 866, "spotted_dolphin": 490, "sei_whale": 428, "short_finned_pilot_whale": 367,
+    "common_dolphin": 347, "cuviers_beaked_whale": 341, "pilot_whale": 262, "long_finned_pilot_whale": 238,
+    "white_sided_dolphin": 229, "brydes_whale": 154, "pantropic_spotted_dolphin": 145, "globis": 116,
+    "commersons_dolphin": 90, "pygmy_killer_whale": 76, "rough_toothed_dolphin": 60, "frasiers_dolphin": 14,
+}
+FLUKES, ORCAS = {"humpback_whale", "gray_whale", "southern_right_whale", "blue_whale"}, {"killer_whale", "kiler_whale"}
 
 
 @dataclass
@@ -45,6 +56,7 @@ class SynthSpec:
     min_width: int = 320
     max_width: int = 640
     seed: int = 0
+    species: str = "four"  # four drawn species | kaggle: the real set's 30 labels (misspellings too) and shares
 
 
 def _hex(*parts) -> str:
@@ -127,6 +139,7 @@ class Individual:
     tone: int
     marks: tuple[list, list]  # left side, right side
     saddle: np.ndarray | None
+    label: str = ""  # the species label written to train.csv; empty: `species`
 
 
 def make_individual(seed: int, index: int, species: str) -> Individual:
@@ -238,8 +251,14 @@ def plan(spec: SynthSpec) -> tuple[list[Individual], pd.DataFrame]:
             new_counts.append(int(min(rng.zipf(spec.tail), spec.max_photos, target - sum(new_counts))))
         new_counts = np.array(new_counts, int)
     n_new = len(new_counts)
-    species = rng.choice(names, spec.individuals + n_new, p=weights / weights.sum())
-    people = [make_individual(spec.seed, i, species[i]) for i in range(spec.individuals + n_new)]
+    if spec.species == "kaggle":  # labels as in the real train.csv, each individual drawn as the nearest body form
+        names, weights = list(KAGGLE_SPECIES), np.array(list(KAGGLE_SPECIES.values()), float)
+    elif spec.species != "four":
+        raise ReidError(f"synth species {spec.species!r}: use four or kaggle")
+    labels = rng.choice(names, spec.individuals + n_new, p=weights / weights.sum())
+    people = [make_individual(spec.seed, i, _drawn_as(labels[i])) for i in range(spec.individuals + n_new)]
+    for person, label in zip(people, labels, strict=True):
+        person.label = str(label)
     rows = []
     for i in range(len(people)):
         known = i < spec.individuals
@@ -249,9 +268,17 @@ def plan(spec: SynthSpec) -> tuple[list[Individual], pd.DataFrame]:
     return people, pd.DataFrame(rows, columns=["individual", "image", "part", "known"])
 
 
-def _write_photo(people: list[Individual], spec: SynthSpec, row, root: Path) -> tuple:
+def _drawn_as(label: str) -> str:
+    """The drawn species for a species label: itself, or for the real set's labels the nearest body form."""
+    if label in SPECIES:
+        return label
+    return "humpback_whale" if label in FLUKES else "killer_whale" if label in ORCAS else \
+        "melon_headed_whale" if "whale" in label else "bottlenose_dolphin"
+
+
+def _write_photo(person: Individual, spec: SynthSpec, row, root: Path) -> tuple:
     seed = spec.seed
-    img, box, quality = render_photo(people[row.individual], seed, row.image, (spec.min_width, spec.max_width))
+    img, box, quality = render_photo(person, seed, row.image, (spec.min_width, spec.max_width))
     path = root / f"{row.part}_images" / row.image
     cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, quality])
     rng = np.random.default_rng([seed, 3, int(_hex(row.image)[:8], 16)])
@@ -271,13 +298,14 @@ def write_set(out: str | Path, spec: SynthSpec, jobs: int = -1) -> dict:
         (root / part).mkdir(parents=True, exist_ok=True)
     people, photos = plan(spec)
     work = progress_bar(list(photos.itertuples()), desc="synth", unit="photo")
-    boxes = Parallel(n_jobs=jobs, batch_size=64)(delayed(_write_photo)(people, spec, r, root) for r in work)
+    boxes = Parallel(n_jobs=jobs, batch_size=64)(delayed(_write_photo)(people[r.individual], spec, r, root) for r in work)
     ids = [people[i].id for i in photos.individual]
-    species = [people[i].species for i in photos.individual]
+    species = [people[i].label or people[i].species for i in photos.individual]
     photos = photos.assign(individual_id=ids, species=species)
     rng = np.random.default_rng([spec.seed, 4])
     train = photos[photos.part == "train"].sample(frac=1.0, random_state=rng.integers(1 << 31))
-    spelled = [MISSPELLINGS[s] if s in MISSPELLINGS and rng.random() < 0.1 else s for s in train.species]
+    spelled = [MISSPELLINGS[s] if s in MISSPELLINGS and spec.species == "four" and rng.random() < 0.1 else s
+               for s in train.species]
     test = photos[photos.part == "test"].sort_values("image")
     solution = pd.DataFrame({"image": test.image, "individual_id": np.where(test.known, test.individual_id,
                                                                              NEW)})

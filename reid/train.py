@@ -235,8 +235,10 @@ class Trainer:
     def _end_epoch(self, row: dict, due: bool) -> None:
         """Validate if due, keep the best, then write last.pt, the metrics and their plot."""
         if due and distributed.is_main():  # once, not in every process
+            start = time.perf_counter()
             row.update(validate(self.eval_model, self.head, self.df, self.cfg, self.boxes, self.device, self.classes,
                                 self.cache))
+            row["val_s"] = time.perf_counter() - start
         tuned = row.pop("_tuned", None)
         self.history.append(row)
         log.info("epoch %d/%d: %s; %s", row["epoch"], self.cfg.train.epochs,

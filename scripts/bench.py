@@ -1,7 +1,7 @@
 """Benchmarks, each against the plain alternative run side by side in this process. Appends to OUT/results.json
 (default runs/bench/results.json, never a tracked file); the README's table is updated by hand from it.
 
-    python scripts/bench.py [--only data,loader,layout,stripes,search,rank,hnsw,gpu] [--quick] [--out DIR]
+    python scripts/bench.py [--only data,loader,layout,stripes,search,rank,hnsw,gpu,field,scale] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ sys.path.insert(0, str(ROOT))
 RESULTS: list[dict] = []
 
 
-def record(name: str, value: float, unit: str, compared: str = "", note: str = "") -> None:
+def record(name: str, value: float, unit: str, compared: str = "", note: str = "", show: bool = True) -> None:
     RESULTS.append({"name": name, "value": round(float(value), 4), "unit": unit, "compared_to": compared,
                     "note": note})
-    print(f"  {name:<44} {value:>12.4g} {unit:<10} {compared}")
+    if show:
+        print(f"  {name:<44} {value:>12.4g} {unit:<10} {compared}")
 
 
 def per_photo(fn, paths: list[Path], repeats: int = 3) -> float:
@@ -423,10 +424,103 @@ def bench_field(photos: int, queries: int) -> None:
                f"torch {1000 * med['torch']:.0f} ms")
 
 
+def run_stage(name: str, cmd: list[str], log: Path) -> tuple[float, float]:
+    """One stage as its own process: (wall seconds, peak resident memory in GB of that process)."""
+    import subprocess
+
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"scale: the {name} stage failed (exit {proc.returncode}); its output is in {log}")
+    return time.perf_counter() - start, usage.ru_maxrss / 2**20
+
+
+def network_seconds(config: Path, size: int, photos: int, train: bool, batch: int = 64) -> float:
+    """The network's own arithmetic for `photos` photos: forward (with the flip, as predict and validation embed) or
+    forward + backward, on random tensors, so no reading, decoding or searching is in it."""
+    import torch
+
+    from reid.config import load_config
+    from reid.model import ReidNet
+
+    cfg = load_config(config, [f"data.image_size={size}"])
+    model = ReidNet(cfg.model).to(memory_format=torch.channels_last).train(train)
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.set_grad_enabled(train):
+        model(x)
+        start = time.perf_counter()
+        for _ in range(3):
+            out = model(x)
+            if train:
+                out.sum().backward()
+        per_photo = (time.perf_counter() - start) / (3 * batch)
+    return per_photo * photos * (1 if train else 2)
+
+
+def bench_scale(out: Path, steps: int, individuals: int, size: int = 64) -> None:
+    """The whole flow at Kaggle's size: a synthetic set with the real set's shape (15,587 individuals, about 51,000
+    training photos, 59-64 % of individuals with one photo, the 30 species labels), then prepare, a training epoch
+    capped at `steps` steps with validation and threshold tuning, predict and evaluate. Per stage: wall time, the
+    network's own arithmetic (timed apart on random tensors), the rest, and peak memory."""
+    import pandas as pd
+
+    reid = [sys.executable, "-m", "reid"]
+    data, run, log = out / "scale_set", out / "scale_run", out / "scale_log.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    config = ROOT / "configs" / "demo.yaml"
+    if not (data / "train.csv").is_file():  # kept between runs: rendering the set is not a stage of reid
+        wall, _ = run_stage("synth", [*reid, "synth", str(data), "--individuals", str(individuals), "--max-photos",
+                                      "400", "--tail", "2.1", "--species", "kaggle", "--min-width", "64",
+                                      "--max-width", "96"], log)
+        print(f"  synth: {wall:.0f} s")
+    train = pd.read_csv(data / "train.csv")
+    test_photos = len(pd.read_csv(data / "sample_submission.csv"))
+    counts = train.individual_id.value_counts()
+    print(f"  set: {len(train)} training photos of {len(counts)} individuals ({100 * (counts == 1).mean():.0f} % "
+          f"with one photo, most {counts.max()}), {train.species.nunique()} species labels, {test_photos} test photos")
+    common = ["--config", str(config), "--data", str(data), f"data.image_size={size}", "data.cache=true"]
+    stages = {"prepare": [*reid, "prepare", *common]}
+    stages["train"] = [*reid, "train", "--out", str(run), "--force", *common, "train.epochs=1",
+                       f"train.max_steps_per_epoch={steps}", "train.val_every=1"]
+    stages["predict"] = [*reid, "predict", "--run", str(run), "--out", str(out / "scale_submission.csv"), "--force"]
+    stages["evaluate"] = [*reid, "evaluate", str(out / "scale_submission.csv"), str(data / "solution.csv")]
+    times = {name: run_stage(name, cmd, log) for name, cmd in stages.items()}
+    metrics = pd.read_csv(run / "metrics.csv").iloc[-1]
+    split = pd.read_csv(run / "split.csv")
+    gallery, queries = int((~split.is_val).sum()), int(split.is_val.sum())
+    from reid.config import load_config
+
+    batch = load_config(run / "config.yaml", []).train.batch_size
+    network = {"prepare": 0.0,
+               "train (steps)": network_seconds(config, size, steps * batch, True, batch),
+               "validation and tuning": network_seconds(config, size, gallery + queries, False),
+               "predict": network_seconds(config, size, gallery + queries + test_photos, False), "evaluate": 0.0}
+    walls = {"prepare": times["prepare"][0], "train (steps)": float(metrics.epoch_s),
+             "validation and tuning": float(metrics.val_s), "predict": times["predict"][0],
+             "evaluate": times["evaluate"][0]}
+    setup = times["train"][0] - walls["train (steps)"] - walls["validation and tuning"]
+    print(f"  {'stage':<24}{'wall s':>9}{'network s':>11}{'rest s':>9}{'peak GB':>9}")
+    for stage, wall in walls.items():
+        peak = times["train" if stage in ("train (steps)", "validation and tuning") else stage][1]
+        print(f"  {stage:<24}{wall:>9.1f}{network[stage]:>11.1f}{wall - network[stage]:>9.1f}{peak:>9.2f}")
+        record(f"scale_{stage.split()[0]}_rest_over_network" if network[stage] else f"scale_{stage}_s",
+               (wall - network[stage]) / network[stage] if network[stage] else wall, "x" if network[stage] else "s",
+               "the network's arithmetic for the same photos" if network[stage] else "",
+               f"wall {wall:.1f} s, network {network[stage]:.1f} s, peak {peak:.2f} GB", show=False)
+    print(f"  train start-up (data, model, {len(counts)}-class head, checks, files): {setup:.1f} s")
+    record("scale_train_setup_s", setup, "s", "", "train wall time less the epoch and the validation", show=False)
+    record("scale_predict_peak_gb", times["predict"][1], "GB", "4 GB", f"{test_photos} queries, {gallery + queries} "
+           "gallery photos", show=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="data,loader,layout,stripes,search,rank,hnsw,gpu,field")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    parser.add_argument("--scale-individuals", type=int, default=15_587, help="individuals of the scale set")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="folder for results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -450,6 +544,8 @@ def main() -> None:
         bench_gpu(3 if q else 20)
     if "field" in parts:
         bench_field(300 if q else 1000, 10)
+    if "scale" in parts:  # not in the default list: about 15 minutes on 2 cores, and 400 MB of photos
+        bench_scale(args.out, 20 if q else 100, 300 if q else args.scale_individuals)
     out = args.out / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {"runs": []}

@@ -161,3 +161,22 @@ def test_heldout_set_is_a_valid_layout_with_new_individuals_and_never_overwrites
     assert np.array_equal(heldout.render(1, 0, "plains_zebra", "a.jpg"), heldout.render(1, 0, "plains_zebra", "a.jpg"))
     with pytest.raises(SystemExit, match="already exists"):
         heldout.write(tmp_path, individuals=8, seed=1, jobs=1)
+
+
+def test_synth_at_kaggle_shape_uses_the_real_labels_and_tail():
+    """`reid synth --species kaggle --tail 2.1`: the real set's species labels (misspellings too, which the data layer
+    folds to 26 species) and its long tail, planned without drawing a photo."""
+    from reid.data import KNOWN_SPECIES
+    from reid.synth import KAGGLE_SPECIES, SPECIES, SynthSpec, plan
+
+    people, photos = plan(SynthSpec(individuals=3000, species="kaggle", tail=2.1, max_photos=400, seed=1))
+    labels = pd.Series([people[i].label for i in photos.individual[photos.part == "train"]])
+    assert set(labels) <= set(KAGGLE_SPECIES) and labels.nunique() >= 25
+    assert {"bottlenose_dolpin", "kiler_whale", "globis", "pilot_whale"} <= set(labels)
+    assert set(normalize_species(labels)) <= KNOWN_SPECIES
+    assert {p.species for p in people} <= set(SPECIES)  # each drawn as one of the four body forms
+    per_individual = photos[photos.part == "train"].individual.value_counts()
+    assert 0.55 < (per_individual == 1).mean() < 0.7 and per_individual.max() > 100
+    assert 2.5 < len(labels) / len(per_individual) < 4.5  # Kaggle: 51,033 photos of 15,587 individuals, 3.3 each
+    four, _ = plan(SynthSpec(individuals=50, seed=1))
+    assert {p.label for p in four} <= set(SPECIES)
