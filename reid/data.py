@@ -79,12 +79,18 @@ def check_names(df: pd.DataFrame, path: Path) -> None:
                         f"(e.g. {df.image[bad].iloc[0]!r}); use plain file names inside the image folder")
 
 
-def safe_path(folder: Path, name: str) -> Path:
-    """The file `name` inside `folder`, refusing anything (links included) that resolves outside it."""
-    path = (folder / name).resolve()
-    if not path.is_relative_to(folder.resolve()):
-        raise DataError(f"image {name!r} resolves to {path}, outside {folder}; refusing to read it")
-    return path
+def safe_paths(folder: Path, names) -> list[str]:
+    """The files `names` (plain names, checked before) inside `folder`, refusing a link that resolves outside it. With
+    the folder resolved once, only a link can lead out, so only links are resolved (Kaggle's 80,000 photos: 0.1 s)."""
+    base, out = folder.resolve(), []
+    for name in names:
+        path = base / name
+        if path.is_symlink():
+            path = path.resolve()
+            if not path.is_relative_to(base):
+                raise DataError(f"image {name!r} resolves to {path}, outside {folder}; refusing to read it")
+        out.append(str(path))
+    return out
 
 
 def species_key(name: str) -> str:
@@ -130,7 +136,7 @@ def read_train(root: Path, bad_images: str = "error", check: bool = True) -> pd.
         raise DataError(f"{path}: rows {_rows(clash)} list the same image twice with different {what} (e.g. "
                         f"{first!r}); keep one row per image")
     folder = root / "train_images"
-    df["path"] = [str(safe_path(folder, name)) for name in df.image]
+    df["path"] = safe_paths(folder, df.image)
     df = _drop_missing(df, path, bad_images)
     return check_photos(df, path, bad_images) if check else df
 
@@ -199,7 +205,7 @@ def list_test(root: Path) -> pd.DataFrame:
         raise DataError(f"{root} has neither sample_submission.csv nor test_images/: nothing to predict")
     if df.empty:
         raise DataError(f"no test photos: {sample if sample.is_file() else folder} is empty")
-    df["path"] = [str(safe_path(folder, name)) for name in df.image]
+    df["path"] = safe_paths(folder, df.image)
     missing = ~df.path.map(lambda p: Path(p).is_file())
     if missing.all():
         raise DataError(f"{sample} lists {len(df)} test photos and none is in {folder}: copy the test photos there, "

@@ -298,7 +298,8 @@ def write_set(out: str | Path, spec: SynthSpec, jobs: int = -1) -> dict:
         (root / part).mkdir(parents=True, exist_ok=True)
     people, photos = plan(spec)
     work = progress_bar(list(photos.itertuples()), desc="synth", unit="photo")
-    boxes = Parallel(n_jobs=jobs, batch_size=64)(delayed(_write_photo)(people[r.individual], spec, r, root) for r in work)
+    tasks = (delayed(_write_photo)(people[r.individual], spec, r, root) for r in work)
+    boxes = Parallel(n_jobs=jobs, batch_size=64)(tasks)
     ids = [people[i].id for i in photos.individual]
     species = [people[i].label or people[i].species for i in photos.individual]
     photos = photos.assign(individual_id=ids, species=species)

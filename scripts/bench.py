@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -476,6 +477,7 @@ def bench_scale(out: Path, steps: int, individuals: int, size: int = 64) -> None
                                       "400", "--tail", "2.1", "--species", "kaggle", "--min-width", "64",
                                       "--max-width", "96"], log)
         print(f"  synth: {wall:.0f} s")
+    shutil.rmtree(data / ".reid_cache", ignore_errors=True)  # prepare builds every entry, as on a fresh folder
     train = pd.read_csv(data / "train.csv")
     test_photos = len(pd.read_csv(data / "sample_submission.csv"))
     counts = train.individual_id.value_counts()

@@ -15,7 +15,7 @@ from reid.data import (
     normalize_species,
     read_boxes,
     read_train,
-    safe_path,
+    safe_paths,
     split_mask,
 )
 
@@ -74,8 +74,12 @@ def test_symlink_out_of_the_data_folder_is_refused(tmp_path):
     (tmp_path / "data" / "train_images").mkdir(parents=True)
     (tmp_path / "secret.jpg").write_bytes(b"x")
     (tmp_path / "data" / "train_images" / "a.jpg").symlink_to(tmp_path / "secret.jpg")
-    with pytest.raises(DataError, match="outside"):
-        safe_path(tmp_path / "data" / "train_images", "a.jpg")
+    (tmp_path / "data" / "train_images" / "b.jpg").write_bytes(b"x")
+    (tmp_path / "data" / "train_images" / "c.jpg").symlink_to(tmp_path / "data" / "train_images" / "b.jpg")
+    folder = tmp_path / "data" / "train_images"
+    assert safe_paths(folder, ["b.jpg", "c.jpg"]) == [str(folder / "b.jpg")] * 2  # a link inside is followed
+    with pytest.raises(DataError, match="'a.jpg' resolves to .*secret.jpg, outside"):
+        safe_paths(folder, ["b.jpg", "a.jpg"])
 
 
 def test_species_normalization_reports_changes(caplog):
