@@ -10,6 +10,7 @@ SYNTH_ARGS ?= --individuals 300 --seed 0
 ARGS   ?=
 FAISS  ?= cpu  # gpu: faiss-gpu instead of faiss-cpu
 GPUS   ?= 1    # >1: make train starts one process per GPU through torchrun (DDP)
+ONLY   ?=      # make bench ONLY=scale: some of the benchmarks (scripts/bench.py --only)
 REID_TRAIN = $(if $(filter-out 1,$(GPUS)),$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m reid,$(BIN)/reid) train
 
 .PHONY: setup demo synth train predict evaluate test lint bench ablate clean
@@ -53,7 +54,7 @@ lint: | $(BIN)/reid
 	$(BIN)/ruff check reid scripts tests
 
 bench: | $(BIN)/reid
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(if $(ONLY),--only $(ONLY))
 
 ablate: | $(BIN)/reid
 	$(BIN)/python scripts/ablate.py

@@ -13,3 +13,10 @@ python3 -m reid.cli train --config configs/demo.yaml --data "$out/synth" --out "
   train.device=cuda 2>&1 | grep -v "it/s\]" | grep -E "INFO|error|Error" || true
 python3 -m reid.cli predict --run "$out/run" --data "$out/synth" 2>&1 | grep -E "INFO|error" || true
 python3 -m reid.cli evaluate "$out/run/submission.csv" "$out/synth/solution.csv"
+# several GPUs: the same run through torchrun, one process per GPU (NCCL), batch per process halved
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 2 ]; then
+  python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m reid train --config configs/demo.yaml \
+    --data "$out/synth" --out "$out/run2" data.num_workers=4 train.device=cuda train.batch_size=16 2>&1 |
+    grep -E "INFO|error|Error" || true
+fi
