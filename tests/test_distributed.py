@@ -20,8 +20,10 @@ from reid.data import SeededSampler
 from .conftest import TINY
 
 # 4 epochs of 5 steps: the first a head warm-up (frozen backbone: DDP's unused-parameter search), frozen norms so that
-# a batch's statistics do not depend on how it is split between processes (SyncBatchNorm needs GPUs)
-SETTINGS = [*TINY, "train.epochs=4", "train.head_warmup_epochs=1", "model.freeze_bn=true", "train.device=cpu"]
+# a batch's statistics do not depend on how it is split between processes (SyncBatchNorm needs GPUs), and the rate
+# scaled by the global batch (the per-process batch would halve it for two processes)
+SETTINGS = [*TINY, "train.epochs=4", "train.head_warmup_epochs=1", "model.freeze_bn=true", "train.device=cpu",
+            "train.lr_reference_batch=8"]
 PER_PROCESS_BATCH = 4
 # Both runs see the same global batches with the same augmentations; the gradients differ only in the order of float32
 # sums (two means averaged against one mean of 8). Measured here: 2e-7 on the weights after 20 steps of AdamW.
