@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -234,7 +235,12 @@ def interrupted(args) -> str:
     if not done:
         return ("reid train: interrupted before the first epoch ended; nothing to resume. Run the same command "
                 "again.")
-    return (f"reid train: interrupted; {out}/last.pt holds epoch {done}. Resume with: reid train --out {out} "
+    from . import distributed
+
+    world = distributed.world_size()
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", world)
+    launch = f"torchrun --nproc_per_node={per_node} -m reid" if world > 1 else "reid"
+    return (f"reid train: interrupted; {out}/last.pt holds epoch {done}. Resume with: {launch} train --out {out} "
             f"--resume")
 
 
@@ -248,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        message = interrupted(args)
-        log.warning(message)  # into the run's log.txt too
+    except KeyboardInterrupt:  # under torchrun every process gets the signal; the first says what to do
+        if os.environ.get("RANK", "0") == "0":
+            log.warning(interrupted(args))  # into the run's log.txt too
         return 130
     except (ReidError, OSError) as err:
         if verbose:

@@ -117,6 +117,20 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(two_process_run, tin
     assert max_difference(weights(run), weights(two_process_run)) < TOLERANCE
 
 
+def test_ctrl_c_under_torchrun_prints_the_torchrun_resume_command_once(tiny_set, tmp_path):
+    run = tmp_path / "interrupted"
+    proc = torchrun(run, "--data", str(tiny_set), *SETTINGS, "train.epochs=50", f"train.batch_size={PER_PROCESS_BATCH}")
+    deadline = time.time() + 180
+    while not (run / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C reaches torchrun, which passes it to its trainers
+    out, _ = proc.communicate(timeout=120)
+    epoch = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    line = (f"reid train: interrupted; {run}/last.pt holds epoch {epoch}. Resume with: torchrun --nproc_per_node=2 "
+            f"-m reid train --out {run} --resume")
+    assert out.count(line) == 1, out[-3000:]
+
+
 def test_a_failing_process_stops_the_others_with_its_error(two_process_run, tiny_set):
     proc = torchrun(two_process_run, "--data", str(tiny_set), *SETTINGS)  # the run exists: the first refuses
     out, _ = proc.communicate(timeout=120)
