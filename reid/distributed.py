@@ -96,6 +96,27 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return value / world_size()
 
 
+def shared(embed, frame):
+    """`embed(frame) -> (N, D)` with the rows dealt out over the processes (every world_size-th row each), gathered
+    back in order on the first process; the others get None. One process: `embed(frame)`."""
+    world = world_size()
+    if world == 1:
+        return embed(frame)
+    import numpy as np
+    import torch.distributed as dist
+
+    part = embed(frame.iloc[rank()::world])
+    parts = [None] * world if is_main() else None
+    dist.gather_object(part, parts, dst=0)
+    if not is_main():
+        return None
+    out = np.zeros((len(frame), part.shape[1]), part.dtype)
+    for r, p in enumerate(parts):
+        if len(p):  # a process with no rows (fewer rows than processes) sent an empty array
+            out[r::world] = p
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         import torch.distributed as dist

@@ -4,6 +4,7 @@ drawn into a file (no terminal) are switched off, where each redraw would be one
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -30,7 +31,9 @@ def setup_logging(level: int) -> None:
 
 
 def progress_bar(iterable=None, **kwargs):
-    """A tqdm bar on a terminal; none when stderr is a file or a pipe (the log keeps the per-epoch lines)."""
+    """A tqdm bar on a terminal; none when stderr is a file or a pipe (the log keeps the per-epoch lines), nor in
+    torchrun's processes but the first."""
     from tqdm import tqdm
 
-    return tqdm(iterable, disable=None if "disable" not in kwargs else kwargs.pop("disable"), **kwargs)
+    disable = kwargs.pop("disable", None) if os.environ.get("RANK", "0") == "0" else True
+    return tqdm(iterable, disable=disable, **kwargs)

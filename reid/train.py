@@ -133,8 +133,7 @@ class Trainer:
         losses, seen, start, wait = [], 0, time.perf_counter(), 0.0
         tick = time.perf_counter()
         # closed on the way out of an error too, so that the error is the last line the user sees
-        with progress_bar(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step",
-                          disable=None if distributed.is_main() else True) as bar:
+        with progress_bar(total=self.steps, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step") as bar:
             for step, batch in enumerate(self.loader):
                 if step >= self.steps or self.out_of_time():
                     break
@@ -227,14 +226,15 @@ class Trainer:
             self.epoch += 1
             due = self.epoch % cfg.train.val_every == 0 or self.epoch == cfg.train.epochs or self.out_of_time()
             self._end_epoch(row, due)
-        if self.history and "val_map5" not in self.history[-1] and self.df.is_val.any() and distributed.is_main():
-            self._end_epoch(self.history.pop(), True)  # time ran out between epochs: validate the last one
+        unvalidated = self.history and "val_map5" not in self.history[-1] and self.df.is_val.any()
+        if unvalidated and distributed.world_size() == 1:  # time ran out between epochs: validate the last one
+            self._end_epoch(self.history.pop(), True)
         if self.best < 0 and distributed.is_main():  # no validation set: the last weights are the best we know
             save_best(self.out, self.eval_model.state_dict(), self.head, self.epoch, untuned(cfg))
 
     def _end_epoch(self, row: dict, due: bool) -> None:
         """Validate if due, keep the best, then write last.pt, the metrics and their plot."""
-        if due and distributed.is_main():  # once, not in every process
+        if due:  # under torchrun each process embeds a share, the first tunes
             start = time.perf_counter()
             row.update(validate(self.eval_model, self.head, self.df, self.cfg, self.boxes, self.device, self.classes,
                                 self.cache))

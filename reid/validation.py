@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import retrieval
+from . import distributed, retrieval
 from .inference import embed_frame
 from .model import class_centres
 
@@ -15,12 +15,15 @@ from .model import class_centres
 def validate(model: torch.nn.Module, head: torch.nn.Module, df: pd.DataFrame, cfg, boxes: list[dict],
              device: torch.device, classes: list[str], cache=None) -> dict:
     """Validation MAP@5 (all, known, new) and the tuned record (under `_tuned`) of the frame's split; {} without
-    validation photos."""
+    validation photos. Under torchrun every process embeds its share of the photos and the first tunes; the others
+    get {}."""
     val, train = df[df.is_val], df[~df.is_val]
     if val.empty:
         return {}
-    gallery, _ = embed_frame(model, train, cfg, boxes, device, cache, "gallery")
-    queries, _ = embed_frame(model, val, cfg, boxes, device, cache, "validation")
+    gallery = distributed.shared(lambda f: embed_frame(model, f, cfg, boxes, device, cache, "gallery")[0], train)
+    queries = distributed.shared(lambda f: embed_frame(model, f, cfg, boxes, device, cache, "validation")[0], val)
+    if not distributed.is_main():
+        return {}
     truths = np.where(val.label >= 0, val.individual_id, retrieval.NEW).tolist()
     vectors, rows = class_centres(head)
     tuned = retrieval.tune_policies(queries, gallery, train.individual_id.to_numpy(), truths, cfg.predict,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -86,6 +87,10 @@ def test_two_processes_end_with_the_weights_of_one_with_the_global_batch(two_pro
                      f"train.batch_size={batch}"]) == 0
     two = weights(two_process_run)
     assert max_difference(weights(runs[2 * PER_PROCESS_BATCH]), two) < TOLERANCE
+    # validation, its photos shared out between the two processes, scores the same weights the same
+    one_val, two_val = (pd.read_csv(r / "metrics.csv")[["val_map5", "val_threshold"]]
+                        for r in (runs[2 * PER_PROCESS_BATCH], two_process_run))
+    assert len(two_val) == 4 and np.allclose(one_val, two_val, atol=1e-4)
     # the tolerance tells runs apart: one process with the per-process batch ends elsewhere
     assert max_difference(weights(runs[PER_PROCESS_BATCH]), two) > 100 * TOLERANCE
 
