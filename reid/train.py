@@ -1,6 +1,7 @@
 """Training: the loop (warmup then cosine or step decay, AMP and channels-last on GPU), validation each few epochs,
-atomic checkpoints and exact resume. Its parts live beside it: optim (optimizer, schedule), losses (the weighted
-terms), batch_mix (mixing, batch sizes), validation, run (the run folder)."""
+atomic checkpoints and exact resume, in one process or one per GPU under torchrun. Its parts live beside it: optim
+(optimizer, schedule), losses (the weighted terms), batch_mix (mixing, batch sizes), validation, run (the run folder),
+distributed (several processes)."""
 
 from __future__ import annotations
 
