@@ -54,8 +54,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, out: Path):
         self.cfg, self.out = cfg, out
-        self.device, self.bad_steps, self.skipped_photos = distributed.start(resolve_device(cfg.train.device)), 0, 0
-        distributed.check(cfg, self.device)
+        device, self.bad_steps, self.skipped_photos = resolve_device(cfg.train.device), 0, 0
+        distributed.check(cfg, device)  # before the processes wait on each other
+        self.device = distributed.start(device)
         self.dtype = amp_dtype(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
         self.df, self.classes, self.species = prepare_frame(cfg)
