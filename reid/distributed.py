@@ -44,9 +44,14 @@ def start(device: torch.device) -> torch.device:
 
 
 def stop() -> None:
+    """Leave the process group, after what still refers to it is gone: gloo aborts a process whose pending work
+    outlives the interpreter."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -316,13 +316,15 @@ def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> 
                  f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "", trainer.steps,
                  cfg.train.epochs)
         trainer.fit()
+        best = trainer.best
         distributed.barrier()  # the others wait for the first's last validation and checkpoint
+        del trainer  # DDP holds the process group: released before the group, not at interpreter exit
     finally:
         distributed.stop()
     if main:
         from .report import write_report
 
         write_report(out)
-        log.info("run finished: %s (%s)", out, f"best validation MAP@5 {trainer.best:.4f}" if trainer.best >= 0
+        log.info("run finished: %s (%s)", out, f"best validation MAP@5 {best:.4f}" if best >= 0
                  else "no validation photos")
     return out
