@@ -55,15 +55,16 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Tensors and plain containers only: a checkpoint from elsewhere cannot run code when loaded."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Tensors and plain containers only: a checkpoint from elsewhere cannot run code when loaded. `mmap`: tensors
+    are mapped, not read (a few fields of a large checkpoint)."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise ReidError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for a bad or hostile file
         raise ReidError(f"{path} is not a loadable reid checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]})") from err

@@ -100,13 +100,13 @@ def load_run(run: Path, overrides: list[str] = ()):
 
 
 def last_epoch(out: Path) -> int:
-    """The last epoch whose checkpoint was written (0: none), from metrics.csv: cheap, no checkpoint loaded."""
-    path = out / "metrics.csv"
-    if not (out / "last.pt").is_file() or not path.is_file():
+    """The epoch last.pt holds (0: none), read from the checkpoint itself, memory-mapped: metrics.csv is written
+    after it and may lag it by one epoch when training is stopped in between."""
+    if not (out / "last.pt").is_file():
         return 0
     try:
-        return int(pd.read_csv(path).epoch.max())
-    except (ValueError, KeyError, pd.errors.ParserError):
+        return int(load_checkpoint(out / "last.pt", mmap=True).get("epoch", 0))
+    except ReidError:
         return 0
 
 

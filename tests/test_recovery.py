@@ -97,6 +97,27 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, tiny_set, monk
     assert "best validation MAP@5 0." in (run / "log.txt").read_text().splitlines()[-1]
 
 
+def test_ctrl_c_between_the_checkpoint_and_the_metrics_names_the_checkpoints_epoch(tmp_path, tiny_set, monkeypatch,
+                                                                                     capsys):
+    import reid.files
+
+    write_csv, calls = reid.files.write_csv, []
+
+    def metrics(path, frame, *args, **kwargs):  # the second epoch's last.pt is written, its metrics.csv is not
+        if path.name == "metrics.csv":
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return write_csv(path, frame, *args, **kwargs)
+
+    monkeypatch.setattr(reid.files, "write_csv", metrics)
+    run = tmp_path / "run"
+    assert _train(run, tiny_set, "train.epochs=3") == 130
+    assert len(pd.read_csv(run / "metrics.csv")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"reid train: interrupted; {run}/last.pt holds epoch 2. Resume with: reid train --out {run} --resume")
+
+
 def test_predict_uses_the_threshold_saved_with_the_weights(tmp_path, tiny_set, one_epoch):
     record = json.loads((one_epoch / "threshold.json").read_text())
     saved = load_checkpoint(one_epoch / "best.pt")
