@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:  # under torchrun every process gets the signal; the first says what to do
-        if os.environ.get("RANK", "0") == "0":
+        from .distributed import is_main
+
+        if is_main():
             log.warning(interrupted(args))  # into the run's log.txt too
         return 130
     except (ReidError, OSError) as err:

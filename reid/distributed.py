@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ReidError
 
-# rank 0 validates and writes while the others wait in their next collective: long enough for a Kaggle-size validation
+if TYPE_CHECKING:
+    import torch
+
+# the others wait in their next collective while the first tunes thresholds and writes checkpoints; torch is imported
+# where it is used, so that the CLI and the progress bars can ask which process this is for free
 TIMEOUT = timedelta(hours=2)
 
 
@@ -32,6 +35,7 @@ def start(device: torch.device) -> torch.device:
     cuda:LOCAL_RANK). One process: `device` unchanged, no group."""
     if world_size() == 1:
         return device
+    import torch
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -56,7 +60,7 @@ def stop() -> None:
 
 
 def check(cfg, device: torch.device) -> None:
-    """Refuse what several processes cannot do alike, before anything is written."""
+    """Refuse what several processes cannot do alike, before the run folder is opened."""
     if world_size() == 1:
         return
     if cfg.train.time_budget_min:
@@ -81,6 +85,8 @@ def wrap(module: torch.nn.Module, device: torch.device, find_unused: bool) -> to
 def has_unused_parameters(model: torch.nn.Module, side: int) -> bool:
     """Whether some trainable parameter of the network gets no gradient (a features-only backbone keeps its stages
     past the last chosen level): DDP must then look for them in each step. One forward of two blank photos."""
+    import torch
+
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     was = model.training

@@ -4,7 +4,6 @@ drawn into a file (no terminal) are switched off, where each redraw would be one
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 
@@ -35,5 +34,7 @@ def progress_bar(iterable=None, **kwargs):
     torchrun's processes but the first."""
     from tqdm import tqdm
 
-    disable = kwargs.pop("disable", None) if os.environ.get("RANK", "0") == "0" else True
+    from .distributed import is_main
+
+    disable = kwargs.pop("disable", None) if is_main() else True
     return tqdm(iterable, disable=disable, **kwargs)

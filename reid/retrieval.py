@@ -23,6 +23,12 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def among(values, wanted) -> np.ndarray:
+    """Which of `values` are in `wanted`, by hashing: np.isin sorts strings (seconds for Kaggle's ids)."""
+    wanted = set(wanted)
+    return np.fromiter((v in wanted for v in values), dtype=bool, count=len(values))
+
+
 def import_faiss():
     """FAISS, imported here (start-up and `reid --help` must not pay for it), from faiss-cpu or faiss-gpu: the two
     provide the same module, so reid's `cpu` and `gpu` extras each install one."""
@@ -304,8 +310,7 @@ def stand_in_centres(emb: np.ndarray, labels: np.ndarray, centres: np.ndarray, c
     used = (rows >= 0) & (counts > 1)
     per = lambda x: np.bincount(inv, weights=x, minlength=len(uniq))[used] / counts[used]  # noqa: E731
     a = float(np.clip(per(to_centre).mean() / max(per(to_mean).mean(), 1e-6), 0.0, 1.0)) if used.any() else 1.0
-    wanted = set(missing)
-    keep = np.array([x in wanted for x in labels], dtype=bool)  # np.isin sorts strings: seconds at Kaggle's size
+    keep = among(labels, missing)
     means, ids = individual_gallery(emb[keep], labels[keep])
     vectors = np.concatenate([centres, means]).astype(np.float32)
     return vectors, np.concatenate([centre_ids, ids]), np.concatenate([scale, np.full(len(ids), a, np.float32)])

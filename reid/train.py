@@ -54,9 +54,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, out: Path):
         self.cfg, self.out = cfg, out
-        device, self.bad_steps, self.skipped_photos = resolve_device(cfg.train.device), 0, 0
-        distributed.check(cfg, device)  # before the processes wait on each other
-        self.device = distributed.start(device)
+        self.device, self.bad_steps, self.skipped_photos = distributed.start(resolve_device(cfg.train.device)), 0, 0
         self.dtype = amp_dtype(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
         self.df, self.classes, self.species = prepare_frame(cfg)
@@ -293,6 +291,7 @@ def train(cfg: Config, out: Path, resume: bool = False, force: bool = False) -> 
     """Train into the run folder `out`; returns it. Everything is checked (data, model, a resume's fit to the run)
     before the run's files are written, so a failed start leaves nothing that blocks the next try. Under torchrun
     every process trains and only the first writes the run folder."""
+    distributed.check(cfg, resolve_device(cfg.train.device))  # before the run folder and the process group
     main = distributed.is_main()
     if main:
         open_run(out, resume, force)
