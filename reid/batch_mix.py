@@ -1,4 +1,4 @@
-"""Batch-level augmentation: the side a batch is resized to (multi-scale, progressive resizing) and the mixing of
+"""Batch-level augmentation: the side a batch is resized to (multi-scale training) and the mixing of
 photos (mixup, CutMix, RICAP) with the label weights the margin head needs."""
 
 from __future__ import annotations
@@ -24,16 +24,12 @@ def mix_batch(x: torch.Tensor, aug, gen: torch.Generator) -> tuple[torch.Tensor,
     return ricap(x, float(beta.sample()), lam, gen)
 
 
-def batch_side(aug, image_size: int, progress: float, gen: torch.Generator) -> int:
-    """The side a training batch is resized to, a multiple of 32: progressive resizing grows it from
-    `aug.progressive` x image_size to image_size as training goes on (early epochs cost less); multi-scale
-    training draws one of `aug.multiscale` per batch; otherwise image_size."""
-    if aug.progressive:
-        scale = aug.progressive + (1.0 - aug.progressive) * progress
-    elif aug.multiscale:
-        scale = aug.multiscale[int(torch.randint(len(aug.multiscale), (1,), generator=gen))]
-    else:
+def batch_side(aug, image_size: int, gen: torch.Generator) -> int:
+    """The side a training batch is resized to: multi-scale training draws one of `aug.multiscale` x image_size per
+    batch (a multiple of 32); otherwise image_size."""
+    if not aug.multiscale:
         return image_size
+    scale = aug.multiscale[int(torch.randint(len(aug.multiscale), (1,), generator=gen))]
     return max(32, int(round(image_size * scale / 32)) * 32)
 
 

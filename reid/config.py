@@ -53,7 +53,6 @@ class AugConfig:
     affine: float = 0.5  # shift, scale, rotate
     affine_strength: float = 1.0  # multiplies the affine ranges (scale ±0.15, shift ±6 %, rotate ±12°, shear ±5°)
     color_strength: float = 1.0  # multiplies the colour ranges (brightness, contrast, saturation ±0.3, hue ±0.05)
-    perspective: float = 0.0  # perspective warp: the camera off the animal's axis
     degrade: float = 0.0  # one camera fault per photo: blur, motion blur, downscaling, JPEG loss or sensor noise
     erasing: float = 0.0  # random erasing (coarse dropout) probability
     mixup: float = 0.0  # Beta(a, a) parameter; 0 turns it off
@@ -61,7 +60,6 @@ class AugConfig:
     ricap: float = 0.0  # Beta(a, a) parameter of RICAP's four-photo patchwork; 0 turns it off
     randaugment: int = 0  # operations drawn per photo from a RandAugment-style policy; 0 turns it off
     multiscale: list[float] = field(default_factory=list)  # scales of image_size drawn per batch, e.g. [0.75, 1.25]
-    progressive: float = 0.0  # >0: progressive resizing, the batch side grows from this share of image_size to all
 
 
 @dataclass
@@ -75,8 +73,6 @@ class ModelConfig:
     embedding_dim: int = 512
     drop_rate: float = 0.0  # dropout before the embedding layer
     drop_path_rate: float = 0.0  # stochastic depth: chance of skipping a residual block in training (timm)
-    output_stride: int = 32  # 16 or 8: the last stages dilated instead of strided (reid's "last stride 1")
-    level_norm: bool = False  # BatchNorm on each pooled level before concatenation: levels weigh the same at start
     stripes: int = 1  # pool each level over this many horizontal bands (PCB parts) instead of the whole map
     # every BatchNorm keeps its running statistics (the backbone's pretrained ones; scale and shift still learn):
     # for batches too small for statistics, and norms that do not depend on how a batch is split between GPUs
@@ -159,7 +155,6 @@ CHOICES = {
     "data.bad_images": {"error", "skip"},
     "split.kind": {"holdout", "kfold", "stratified", "group"},
     "model.pooling": {"gem", "avg"},
-    "model.output_stride": {8, 16, 32},
     "loss.head": {"arcface", "subcenter"},
     "train.optimizer": {"adamw", "sgd", "adabound"},
     "train.schedule": {"cosine", "step"},
@@ -168,12 +163,15 @@ CHOICES = {
     "predict.index": {"flat", "hnsw", "ivf"},
     "predict.policy": {"similarity", "share", "species"},
 }
+# keys of earlier versions, with the value they had by default: a saved run's config.yaml that holds one still loads
+RETIRED = {"model.pyramid": False, "model.level_norm": False, "model.output_stride": 32, "aug.progressive": 0.0,
+           "aug.perspective": 0.0}
 RANGES = {  # inclusive bounds
     "data.image_size": (16, 4096), "data.crop_margin": (0.0, 2.0), "data.crop_jitter": (0.0, 1.0),
     "data.num_workers": (0, 256), "split.val_fraction": (0.0, 0.9), "split.new_share": (0.0, 1.0),
     "split.folds": (2, 100), "split.fold": (0, 99), "aug.hflip": (0.0, 1.0), "aug.color": (0.0, 1.0),
     "aug.affine": (0.0, 1.0), "aug.erasing": (0.0, 1.0), "aug.mixup": (0.0, 100.0), "aug.cutmix": (0.0, 100.0),
-    "aug.progressive": (0.0, 1.0), "aug.perspective": (0.0, 1.0), "aug.degrade": (0.0, 1.0), "aug.gray": (0.0, 1.0),
+    "aug.degrade": (0.0, 1.0), "aug.gray": (0.0, 1.0),
     "aug.affine_strength": (0.0, 3.0), "aug.color_strength": (0.0, 3.0),
     "model.gem_p": (1.0, 20.0), "model.embedding_dim": (2, 65536), "model.drop_rate": (0.0, 1.0),
     "model.drop_path_rate": (0.0, 1.0), "model.stripes": (1, 64),
@@ -223,6 +221,11 @@ def _merge(obj, updates: dict, prefix: str = "") -> None:
     for key, value in updates.items():
         name = f"{prefix}{key}"
         if key not in hints:
+            if name in RETIRED and value == RETIRED[name]:
+                continue  # an earlier version's key at the value it had by default: nothing to apply
+            if name in RETIRED:
+                raise ConfigError(f"config key '{name}' is no longer supported ({name}={value!r}); delete it, or use "
+                                  "the reid version that wrote this config")
             known = ", ".join(f"{prefix}{k}" for k in hints)
             raise ConfigError(f"unknown config key '{name}'; known keys here: {known}")
         current = getattr(obj, key)
@@ -255,9 +258,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key 'data.{key}' takes {rule}, got {value}; leave it empty for the backbone's")
     if cfg.split.fold >= cfg.split.folds:
         raise ConfigError(f"config key 'split.fold' must be below split.folds={cfg.split.folds}")
-    if cfg.aug.progressive and cfg.aug.multiscale:
-        raise ConfigError("config keys 'aug.progressive' and 'aug.multiscale' both resize the training batches; "
-                          "turn one off")
     return cfg
 
 

@@ -407,8 +407,6 @@ def build_transform(aug, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.
         steps = [
             A.Affine(scale=(1 - 0.15 * a, 1 + 0.15 * a), translate_percent=(-0.06 * a, 0.06 * a),
                      rotate=(-12 * a, 12 * a), shear=(-5 * a, 5 * a), border_mode=cv2.BORDER_REFLECT_101, p=aug.affine),
-            *([A.Perspective(scale=(0.02, 0.08), border_mode=cv2.BORDER_REFLECT_101, p=aug.perspective)]
-              if aug.perspective else []),
             A.HorizontalFlip(p=aug.hflip),
             A.ColorJitter(brightness=0.3 * c, contrast=0.3 * c, saturation=0.3 * c, hue=0.05 * c, p=aug.color),
             *([A.ToGray(p=aug.gray)] if aug.gray else []),

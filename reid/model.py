@@ -80,8 +80,6 @@ def create_backbone(cfg) -> nn.Module:
 
     kwargs = {"features_only": True, "out_indices": tuple(cfg.out_indices), "drop_rate": cfg.drop_rate,
               "drop_path_rate": cfg.drop_path_rate}
-    if cfg.output_stride != 32:  # only when asked: not every timm model takes the argument
-        kwargs["output_stride"] = cfg.output_stride
     fits = packaged_backbone(cfg.weights) if cfg.weights else None
     if fits and cfg.backbone.split(".")[0] != fits:
         raise ModelError(f"model.weights={cfg.weights} holds {fits}; set model.backbone={fits}")
@@ -96,10 +94,6 @@ def create_backbone(cfg) -> nn.Module:
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ModelError(f"model.backbone: timm has no model {cfg.backbone!r}") from err
-        raise
-    except TypeError as err:
-        if "output_stride" in str(err):
-            raise ModelError(f"model.output_stride: {cfg.backbone} has a fixed stride; leave the key at 32") from err
         raise
     except (IndexError, AssertionError) as err:
         raise ModelError(f"model.out_indices {cfg.out_indices} do not fit {cfg.backbone}: {err}") from err
@@ -141,8 +135,6 @@ class ReidNet(nn.Module):
         channels = [c * cfg.stripes for c in self.backbone.feature_info.channels()]
         pool = (lambda: GeM(cfg.gem_p, stripes=cfg.stripes)) if cfg.pooling == "gem" else (lambda: AvgPool(cfg.stripes))
         self.pools = nn.ModuleList(pool() for _ in channels)
-        # GeM outputs of deep levels are larger than those of shallow ones; a norm per level evens them out
-        self.level_norms = nn.ModuleList(nn.BatchNorm1d(c) for c in channels) if cfg.level_norm else None
         self.neck = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(sum(channels), cfg.embedding_dim),
                                   nn.BatchNorm1d(cfg.embedding_dim))
         self.neck[2].bias.requires_grad_(False)  # BNNeck: a shared offset would pull every embedding one way
@@ -151,10 +143,7 @@ class ReidNet(nn.Module):
 
     def levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The pooled features of each chosen level, (N, channels * stripes) each."""
-        pooled = [pool(f) for pool, f in zip(self.pools, self.backbone(x), strict=True)]
-        if self.level_norms is not None:
-            pooled = [norm(p) for norm, p in zip(self.level_norms, pooled, strict=True)]
-        return pooled
+        return [pool(f) for pool, f in zip(self.pools, self.backbone(x), strict=True)]
 
     def embed(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         """The embedding of the pooled levels."""

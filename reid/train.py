@@ -166,7 +166,7 @@ class Trainer:
                                    "to list the unreadable photos and set data.bad_images=skip")
                 return float("nan")
         x = batch["images"].to(self.device, non_blocking=True)
-        side = batch_side(self.cfg.aug, self.cfg.data.image_size, self.progress(), gen)
+        side = batch_side(self.cfg.aug, self.cfg.data.image_size, gen)
         x = resize_to(x, (side, side)).contiguous(memory_format=memory_format(self.cfg))
         x, parts = mix_batch(x, self.cfg.aug, gen)
         loss = self.net(x, batch["labels"].to(self.device), parts)

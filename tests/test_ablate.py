@@ -47,7 +47,7 @@ def test_pending_skips_finished_rows_and_keeps_failed_ones(ablate, plains):
 
 def test_plain_recipe_stays_plain_whatever_the_default_adds(ablate):
     cfg = load_config(ablate.ROOT / "configs" / "scratch.yaml", ablate.PLAIN)
-    assert (cfg.model.pooling, cfg.model.out_indices, cfg.model.stripes, cfg.model.level_norm) == ("avg", [4], 1, False)
+    assert (cfg.model.pooling, cfg.model.out_indices, cfg.model.stripes) == ("avg", [4], 1)
     extras = ("label_smoothing", "margin_rare", "species_weight", "pair_weight", "level_weight")
     assert cfg.loss.head == "arcface" and not any(getattr(cfg.loss, key) for key in extras)
     strengths = ("hflip", "affine_strength", "color_strength")

@@ -43,7 +43,15 @@ def test_override_syntax():
         load_config("/nonexistent/x.yaml")
 
 
-def test_progressive_and_multiscale_cannot_both_resize_the_batch():
-    with pytest.raises(ConfigError, match=r"aug\.progressive.*aug\.multiscale"):
-        load_config(None, ["aug.progressive=0.5", "aug.multiscale=[0.75, 1.25]"])
-    assert load_config(None, ["aug.progressive=0.5"]).aug.progressive == 0.5
+def test_a_retired_key_loads_at_its_old_default_and_is_refused_otherwise(tmp_path):
+    path = tmp_path / "config.yaml"  # as an earlier version saved it in a run folder
+    path.write_text("model:\n  pyramid: false\n  level_norm: false\n  output_stride: 32\n  stripes: 2\n"
+                    "aug:\n  progressive: 0.0\n  perspective: 0.0\n")
+    assert load_config(path) == load_config(None, ["model.stripes=2"])
+    path.write_text("model:\n  output_stride: 16\n")
+    with pytest.raises(ConfigError, match=r"'model\.output_stride' is no longer supported \(model\.output_stride=16\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'aug\.perspective' is no longer supported"):
+        load_config(None, ["aug.perspective=0.5"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.pyramids'"):
+        load_config(None, ["model.pyramids=false"])

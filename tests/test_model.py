@@ -66,36 +66,6 @@ def test_level_heads_send_a_loss_to_each_level_of_its_own_and_leave_the_embeddin
     assert torch.isfinite(loss) and all(p.grad.abs().sum() > 0 for p in levels)
 
 
-@pytest.mark.parametrize("level_norm", [False, True])
-def test_level_norm_centres_each_pooled_level_before_concatenation(level_norm):
-    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[1, 2, 3]",
-                             "model.embedding_dim=8", f"model.level_norm={str(level_norm).lower()}"])
-    torch.manual_seed(0)
-    model = ReidNet(cfg.model).train()
-    seen = []
-    model.neck[1].register_forward_hook(lambda mod, args, out: seen.append(args[0]))
-    model(torch.rand(16, 3, 64, 64))
-    means = seen[0].mean(0)
-    # GeM of non-negative maps is positive; a BatchNorm per level makes every channel's batch mean zero
-    assert (means.abs().max() < 1e-4) == level_norm
-    assert (len(model.level_norms) == 3) if level_norm else model.level_norms is None
-
-
-def test_output_stride_16_dilates_the_last_stage_instead_of_striding():
-    sizes = {}
-    for stride in (32, 16):
-        cfg = load_config(None, ["model.backbone=test_efficientnet", "model.out_indices=[2, 3, 4]",
-                                 "model.embedding_dim=8", f"model.output_stride={stride}"])
-        model = ReidNet(cfg.model).eval()
-        sizes[stride] = [f.shape[-1] for f in model.backbone(torch.rand(2, 3, 64, 64))]
-        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 8)
-    assert sizes == {32: [8, 4, 2], 16: [8, 4, 4]}  # 64 px at strides 8, 16, 32 against 8, 16, 16
-    with pytest.raises(ConfigError, match="model.output_stride"):
-        load_config(None, ["model.output_stride=12"])
-    with pytest.raises(ModelError, match="model.output_stride: test_vit has a fixed stride"):
-        ReidNet(load_config(None, ["model.backbone=test_vit", "model.output_stride=16"]).model)
-
-
 def test_arcface_margin_is_radians_in_config_and_converted():
     cfg = load_config(None, ["loss.margin=0.3", "loss.scale=15"])
     head = build_head(cfg.loss, num_classes=10, embedding_dim=8)

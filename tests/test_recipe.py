@@ -40,13 +40,11 @@ def test_mixing_weights_sum_to_one_and_pixels_come_from_the_batch():
     assert len(parts) == 4 and all(w == pytest.approx(0.25) for _, w in parts)
 
 
-def test_progressive_resizing_grows_the_side_and_multiscale_draws_from_its_list():
+def test_multiscale_draws_the_batch_side_from_its_list():
     gen = torch.Generator().manual_seed(0)
-    grow = load_config(None, ["aug.progressive=0.5"]).aug
-    assert [batch_side(grow, 128, p, gen) for p in (0.0, 0.2, 0.5, 0.8, 1.0)] == [64, 64, 96, 128, 128]
     multi = load_config(None, ["aug.multiscale=[0.5, 1.5]"]).aug
-    assert {batch_side(multi, 128, 0.0, gen) for _ in range(50)} == {64, 192}
-    assert batch_side(load_config(None, []).aug, 128, 0.5, gen) == 128
+    assert {batch_side(multi, 128, gen) for _ in range(50)} == {64, 192}
+    assert batch_side(load_config(None, []).aug, 128, gen) == 128
 
 
 def test_m_per_class_sampler_gives_runs_of_one_individual():
@@ -90,12 +88,11 @@ STILL = ["aug.hflip=0", "aug.color=0", "aug.affine=0"]  # the default's jitters 
 PHOTO = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("switch", ["aug.perspective=1", "aug.degrade=1"])
-def test_perspective_and_camera_faults_change_photos_only_when_switched_on(switch):
+def test_camera_faults_change_photos_only_when_switched_on():
     plain = build_transform(load_config(None, STILL).aug, False)(image=PHOTO)["image"]
     steps = [type(t).__name__ for t in build_transform(load_config(None, STILL).aug, True).transforms]
-    assert "Perspective" not in steps and "OneOf" not in steps  # off: not even a step that draws random numbers
-    tf = build_transform(load_config(None, [*STILL, switch]).aug, True)
+    assert "OneOf" not in steps  # off: not even a step that draws random numbers
+    tf = build_transform(load_config(None, [*STILL, "aug.degrade=1"]).aug, True)
     outs = []
     for seed in (5, 5, 6):
         tf.set_random_seed(seed)
@@ -127,9 +124,8 @@ def test_jitter_strength_scales_the_affine_and_colour_ranges_and_zero_leaves_the
 
 
 @pytest.mark.parametrize("switches", [
-    ["aug.perspective=0.5", "aug.degrade=0.5", "aug.gray=0.2", "aug.affine_strength=1.5", "aug.color_strength=0.5"],
+    ["aug.degrade=0.5", "aug.gray=0.2", "aug.affine_strength=1.5", "aug.color_strength=0.5", "model.stripes=2"],
     ["aug.mixup=0.4", "aug.cutmix=1.0", "aug.ricap=0.3", "aug.multiscale=[0.75, 1.25]", "aug.randaugment=1"],
-    ["aug.progressive=0.5", "model.level_norm=true", "model.output_stride=16", "model.stripes=2"],
     ["loss.head=subcenter", "loss.margin_rare=0.1", "loss.label_smoothing=0.1", "loss.species_weight=0.3",
      "loss.pair_weight=0.5", "train.m_per_class=4", "loss.level_weight=0.5"],
     ["train.optimizer=sgd", "train.lr_reference_batch=64", "train.zero_init_last=true", "train.ema=0.9",
@@ -240,19 +236,3 @@ def test_optimisation_switches_change_the_rate_the_steps_and_the_validated_weigh
     ema = dict(trainer.ema.module.named_parameters())["backbone.conv_stem.weight"]
     after = list(trainer.model.parameters())[conv]
     assert torch.allclose(ema, 0.5 * before[conv] + 0.5 * after, atol=1e-6)
-
-
-def test_feature_switches_change_the_maps_and_the_pooled_levels():
-    from reid.model import ReidNet
-
-    tiny = ["model.backbone=test_efficientnet", "model.out_indices=[1, 2]", "model.embedding_dim=8"]
-    x = torch.rand(2, 3, 64, 64)
-    deep = [*tiny, "model.out_indices=[4]"]
-    plain, fine = ReidNet(load_config(None, deep).model), ReidNet(load_config(None, [*deep, "model.output_stride=16"])
-                                                                     .model)
-    assert fine.backbone(x)[-1].shape[-1] == 2 * plain.backbone(x)[-1].shape[-1]  # the last stage not strided
-    normed = ReidNet(load_config(None, [*tiny, "model.level_norm=true"]).model).train()
-    levels = normed.levels(torch.rand(6, 3, 64, 64) * 3)
-    for level in levels:  # each level standardised over the batch before the concatenation
-        assert torch.allclose(level.mean(0), torch.zeros(level.shape[1]), atol=1e-4)
-    assert ReidNet(load_config(None, tiny).model).level_norms is None
