@@ -60,16 +60,8 @@ class Trainer:
         self.df, self.classes, self.species = prepare_frame(cfg)
         self.boxes, self.cache = read_boxes(Path(cfg.data.root), cfg.data.crops), cache_from_config(cfg)
         self.train_df = self.df[~self.df.is_val].reset_index(drop=True)
-        self.model = ReidNet(cfg.model, len(self.species) if cfg.loss.species_weight else 0)
-        if cfg.model.sync_bn and distributed.world_size() > 1:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if cfg.train.zero_init_last:
-            log.info("zero-initialised the last norm of %d residual blocks", zero_init_last(self.model))
-        self.model.to(self.device, memory_format=memory_format(cfg))
-        counts = self.train_df.label.value_counts().reindex(range(len(self.classes)), fill_value=1).to_numpy()
-        self.head = build_head(cfg.loss, len(self.classes), cfg.model.embedding_dim, counts).to(self.device)
-        self.level_heads = LevelHeads(self.model.level_channels, cfg.loss, len(self.classes), cfg.model.embedding_dim,
-                                      counts).to(self.device) if cfg.loss.level_weight else None
+        self.model, self.head, self.level_heads = build_networks(cfg, self.device, self.train_df.label,
+                                                                 len(self.classes), len(self.species))
         amp = lambda: autocast(self.device, self.dtype)  # noqa: E731
         terms = loss_terms(cfg, self.model, self.head, self.level_heads, build_teacher(cfg, self.device), amp)
         self.net = distributed.wrap(TrainingLoss(self.model, self.head, self.level_heads, terms, amp), self.device,
@@ -251,6 +243,23 @@ class Trainer:
                      tuned["map5_similarity"], tuned["map5_share"], tuned["map5_species"])
         if distributed.is_main():
             save_epoch(self.out, self.state(), self.history)
+
+
+def build_networks(cfg: Config, device: torch.device, labels: pd.Series, n_classes: int, n_species: int
+                   ) -> tuple[ReidNet, torch.nn.Module, LevelHeads | None]:
+    """The network, its margin head and the level heads (deep supervision) on `device`; the heads know each class's
+    photo count (`labels`) for margins that grow for rare individuals."""
+    model = ReidNet(cfg.model, n_species if cfg.loss.species_weight else 0)
+    if cfg.model.sync_bn and distributed.world_size() > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.zero_init_last:
+        log.info("zero-initialised the last norm of %d residual blocks", zero_init_last(model))
+    model.to(device, memory_format=memory_format(cfg))
+    counts = labels.value_counts().reindex(range(n_classes), fill_value=1).to_numpy()
+    head = build_head(cfg.loss, n_classes, cfg.model.embedding_dim, counts).to(device)
+    level_heads = LevelHeads(model.level_channels, cfg.loss, n_classes, cfg.model.embedding_dim,
+                             counts).to(device) if cfg.loss.level_weight else None
+    return model, head, level_heads
 
 
 def train_loader(train_df: pd.DataFrame, cfg: Config, boxes: list[dict], device: torch.device, cache=None):
