@@ -155,23 +155,12 @@ def _drop_missing(df: pd.DataFrame, csv: Path, bad_images: str) -> pd.DataFrame:
 def photo_problem(path: str | Path) -> str:
     """Why a photo cannot be used ('' if it can), from its header and its last bytes: fast enough for every photo
     of a data set before training, where a bad one would otherwise stop an epoch half-way."""
-    from PIL import UnidentifiedImageError
-
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with warnings.catch_warnings():  # the size is checked by name below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-        if w * h > MAX_PIXELS:
-            return f"{w}x{h} pixels, over the {MAX_PIXELS // 1_000_000} MP limit"
-        if _looks_truncated(path):
-            return "truncated JPEG (no end-of-image marker)"
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        return f"not a readable image ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})"
-    return ""
+        original_size(path)
+    except BadImage as err:
+        return str(err).removeprefix(f"{path}: ")
+    return "truncated JPEG (no end-of-image marker)" if _looks_truncated(path) else ""
 
 
 def check_photos(df: pd.DataFrame, csv: Path, bad_images: str) -> pd.DataFrame:
@@ -313,12 +302,13 @@ def original_size(path: Path) -> tuple[int, int]:
             im = Image.open(path)
         with im:
             w, h = im.size
+            if w * h > MAX_PIXELS:  # before the EXIF, which a bomb's header-only file may not hold
+                raise BadImage(f"{path}: {w}x{h} pixels, over the {MAX_PIXELS // 1_000_000} MP limit for a photo")
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImage(f"{path}: not a readable image ({err})") from err
-    if w * h > MAX_PIXELS:
-        raise BadImage(f"{path}: {w}x{h} pixels, over the {MAX_PIXELS // 1_000_000} MP limit for a photo")
+        why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise BadImage(f"{path}: not a readable image ({why})") from err
     return w, h
 
 

@@ -117,25 +117,16 @@ def decide(ids: np.ndarray, sims: np.ndarray, threshold, fillers: list[str] = ()
 
 def map_at_5(predictions: list[list[str]], truths: list[str]) -> float:
     """Mean over queries of 1/rank of the first correct prediction among the first five, 0 if absent."""
-    if not len(truths):
-        return 0.0
-    return float(np.mean([_ap5(p, t) for p, t in zip(predictions, truths, strict=True)]))
+    return map_at_5_split(predictions, truths)["map5"] if len(truths) else 0.0
 
 
 def map_at_5_split(predictions: list[list[str]], truths: list[str]) -> dict[str, float]:
     """MAP@5 on all queries, on those whose answer is a known individual, and on the new ones."""
-    truths = np.asarray(truths, dtype=object)
-    is_new = truths == NEW
-    scores = np.array([_ap5(p, t) for p, t in zip(predictions, truths, strict=True)])
+    is_new = np.asarray(truths, dtype=object) == NEW
+    scores = np.array([next((1.0 / r for r, p in enumerate(pred[:TOP], 1) if p == t), 0.0)
+                       for pred, t in zip(predictions, truths, strict=True)])
     part = lambda m: float(scores[m].mean()) if m.any() else float("nan")  # noqa: E731
     return {"map5": part(np.ones(len(truths), bool)), "map5_known": part(~is_new), "map5_new": part(is_new)}
-
-
-def _ap5(pred: list[str], truth: str) -> float:
-    for rank, p in enumerate(pred[:TOP], 1):
-        if p == truth:
-            return 1.0 / rank
-    return 0.0
 
 
 def threshold_curve(ids: np.ndarray, sims: np.ndarray, truths: list[str], thresholds: np.ndarray) -> np.ndarray:
@@ -175,16 +166,13 @@ def tune_threshold(ids: np.ndarray, sims: np.ndarray, truths: list[str]) -> dict
 
 
 def _longest_run(mask: np.ndarray) -> tuple[int, int]:
-    """First and last index of the longest run of True."""
-    best, start = None, None
-    for i, m in enumerate([*mask, False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            if best is None or i - 1 - start > best[1] - best[0]:
-                best = (start, i - 1)
-            start = None
-    return best or (0, 0)
+    """First and last index of the longest run of True (the first such run on a tie)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(mask, np.int8), [0]])))
+    starts, ends = edges[::2], edges[1::2] - 1
+    if not len(starts):
+        return 0, 0
+    best = int(np.argmax(ends - starts))
+    return int(starts[best]), int(ends[best])
 
 
 def individual_gallery(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
