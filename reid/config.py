@@ -129,6 +129,7 @@ class PredictConfig:
     batch_size: int = 64
     flip_tta: bool = True
     tta_scales: list[float] = field(default_factory=list)  # multi-size TTA: sides as shares of image_size (empty: 1)
+    five_crop: bool = False  # multi-crop TTA: the photo and its four corner and centre crops (ten with flip_tta)
     k: int = 50  # neighbours fetched per query
     threshold: float | None = None  # None: the threshold tuned on validation
     gallery: str = "photo"  # photo | individual (mean embedding per individual)

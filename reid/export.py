@@ -10,23 +10,22 @@ import numpy as np
 import torch
 
 from .files import atomic_write
+from .inference import embed_batch
 from .model import input_stats
 from .run import RunError, load_run
 
 
 class Embedder(torch.nn.Module):
-    """What `inference.embed_batch` computes at one size: the normalised mean of the photo's and its mirror's
-    normalised embeddings."""
+    """What `inference.embed_batch` computes at one size: the normalised mean of the normalised embeddings of the
+    photo, of its crops with five-crop TTA and of the mirrors with flip TTA."""
 
-    def __init__(self, model: torch.nn.Module, flip: bool = True):
+    def __init__(self, model: torch.nn.Module, flip: bool = True, five_crop: bool = False):
         super().__init__()
-        self.model, self.flip = model.eval(), flip
+        self.model, self.flip, self.five_crop = model, flip, five_crop
+        self.eval()  # the mode torch.onnx.export restores afterwards, to the network too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = torch.nn.functional.normalize(self.model(x), dim=1)
-        if self.flip:
-            e = e + torch.nn.functional.normalize(self.model(torch.flip(x, dims=[3])), dim=1)
-        return torch.nn.functional.normalize(e, dim=1)
+        return embed_batch(self.model, x, self.flip, five_crop=self.five_crop)
 
 
 def export(run: Path, out: Path) -> Path:
@@ -37,10 +36,11 @@ def export(run: Path, out: Path) -> Path:
 
     cfg, model, _ = load_run(run)
     size = cfg.data.image_size
-    embedder = Embedder(model, cfg.predict.flip_tta)
+    embedder = Embedder(model, cfg.predict.flip_tta, cfg.predict.five_crop)
     mean, std = input_stats(cfg)
     meta = {"input_size": json.dumps([3, size, size]), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
             "embedding_dim": str(cfg.model.embedding_dim), "flip_tta": str(cfg.predict.flip_tta).lower(),
+            "five_crop": str(cfg.predict.five_crop).lower(),
             "backbone": cfg.model.backbone, "fingerprint": fingerprint(run), "pixels": "RGB, 0-1, then (x-mean)/std"}
 
     def write(tmp: Path) -> None:

@@ -1,4 +1,4 @@
-"""Turning photos into normalized embeddings: datasets from the config, loaders, flip and multi-size TTA."""
+"""Turning photos into normalized embeddings: datasets from the config, loaders, flip, five-crop and multi-size TTA."""
 
 from __future__ import annotations
 
@@ -70,35 +70,56 @@ def memory_format(cfg) -> torch.memory_format:
 
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The batch at `size` (height, width): bilinear, antialiased when shrinking; unchanged at its own size."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    side = tuple(int(s) for s in x.shape[-2:])  # ints under an ONNX export's tracing too, where the sides are fixed
+    if side == tuple(size):
         return x
     return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False,
-                                           antialias=size[-1] < x.shape[-1])
+                                           antialias=size[-1] < side[-1])
 
 
 def resize(x: torch.Tensor, scale: float) -> torch.Tensor:
     """The batch at `scale` times its side (at least 8 pixels)."""
+    if scale == 1.0:
+        return x
     return resize_to(x, (max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale))))
 
 
+CROP = 0.875  # five-crop TTA: each crop's side as a share of the photo's
+
+
+def views(x: torch.Tensor, five_crop: bool) -> torch.Tensor:
+    """The batch, and with five-crop TTA its four corner crops and its centre crop (CROP of each side, resized back
+    to the batch's size) folded into one batch of 6 N photos: one forward pass for all of them."""
+    if not five_crop:
+        return x
+    h, w = (int(s) for s in x.shape[-2:])
+    ch, cw = round(h * CROP), round(w * CROP)
+    y, z = (h - ch) // 2, (w - cw) // 2
+    crops = [x[..., :ch, :cw], x[..., :ch, w - cw:], x[..., h - ch:, :cw], x[..., h - ch:, w - cw:],
+             x[..., y: y + ch, z: z + cw]]
+    return torch.cat([x, *(resize_to(c, (h, w)) for c in crops)])
+
+
 def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip_tta: bool = True, scales=(1.0,),
-                layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """L2-normalized mean of the normalized embeddings of the batch at each scale, and of its mirror with flip TTA."""
+                layout: torch.memory_format = torch.contiguous_format, five_crop: bool = False) -> torch.Tensor:
+    """L2-normalized mean of the normalized embeddings of the batch at each scale, of its five crops with five-crop
+    TTA, and of the mirrors of all of them with flip TTA (ten crops with both)."""
     e = 0.0
     for scale in scales or (1.0,):
-        xs = resize(x, scale).contiguous(memory_format=layout)
-        e = e + torch.nn.functional.normalize(model(xs).float(), dim=1)
-        if flip_tta:
-            e = e + torch.nn.functional.normalize(model(torch.flip(xs, dims=[3])).float(), dim=1)
+        xs = views(resize(x, scale), five_crop).contiguous(memory_format=layout)
+        for v in (xs, torch.flip(xs, dims=[3])) if flip_tta else (xs,):
+            out = torch.nn.functional.normalize(model(v).float(), dim=1)
+            e = e + sum(out.chunk(6 if five_crop else 1))  # by view: no batch size is fixed in an ONNX export
     return torch.nn.functional.normalize(e, dim=1)
 
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, flip_tta: bool = True,
           dtype: torch.dtype | None = None, desc: str = "embed",
-          layout: torch.memory_format = torch.contiguous_format, scales=(1.0,)) -> tuple[np.ndarray, np.ndarray]:
+          layout: torch.memory_format = torch.contiguous_format, scales=(1.0,), five_crop: bool = False
+          ) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) float32, L2-normalized: the mean over `scales` (multi-size TTA) of the photo's embedding, with flip
-    TTA averaged with its mirror's; and an (N,) mask of the photos that could be read."""
+    TTA averaged with its mirror's, with five-crop TTA with its crops'; and an (N,) mask of the readable photos."""
     from .progress import progress_bar
 
     model.eval()
@@ -106,7 +127,7 @@ def embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, flip
     for batch in progress_bar(loader, desc=desc, unit="batch", leave=False):
         x = batch["images"].to(device, non_blocking=True)
         with autocast(device, dtype):
-            out.append(embed_batch(model, x, flip_tta, scales, layout).cpu())
+            out.append(embed_batch(model, x, flip_tta, scales, layout, five_crop).cpu())
         ok.append(batch["indices"] >= 0)
     if not out:
         return np.zeros((0, 0), np.float32), np.zeros(0, bool)
@@ -119,4 +140,4 @@ def embed_frame(model, df: pd.DataFrame, cfg, boxes: list[dict], device: torch.d
     dataset = photo_dataset(df, cfg, boxes, False, cache=cache, on_error=on_error)
     loader = make_loader(dataset, cfg, device, cfg.predict.batch_size)
     return embed(model, loader, device, cfg.predict.flip_tta, amp_dtype(cfg, device), desc, memory_format(cfg),
-                 cfg.predict.tta_scales)
+                 cfg.predict.tta_scales, cfg.predict.five_crop)

@@ -380,5 +380,6 @@ def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, 
 
 def search_settings(pcfg, centres_used: bool) -> dict:
     """The search settings a tuned threshold holds for, as threshold.json records them: the centre weight applied
-    and the sides the embeddings were averaged over (none given is the one side)."""
-    return {"centre_weight": pcfg.centre_weight if centres_used else 0.0, "tta_scales": list(pcfg.tta_scales) or [1.0]}
+    and the views the embeddings were averaged over (sides, none given is the one side; crops)."""
+    return {"centre_weight": pcfg.centre_weight if centres_used else 0.0, "tta_scales": list(pcfg.tta_scales) or [1.0],
+            "five_crop": pcfg.five_crop}

@@ -177,6 +177,45 @@ def test_multi_size_tta_averages_the_normalized_embeddings_at_each_side():
     assert np.abs(multi - single).max() > 1e-4  # the other sides change the embedding
 
 
+def test_five_crop_tta_averages_the_photo_and_its_five_crops_folded_into_one_batch():
+    from reid.inference import embed_batch, views
+
+    x = torch.rand(2, 3, 64, 64)
+    v = views(x, True)
+    assert views(x, False) is x and v.shape == (12, 3, 64, 64) and torch.equal(v[:2], x)
+    back = lambda c: torch.nn.functional.interpolate(c, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(v[2:4], back(x[..., :56, :56]))  # top left, 7/8 of each side
+    torch.testing.assert_close(v[8:10], back(x[..., 8:, 8:]))  # bottom right
+    torch.testing.assert_close(v[10:12], back(x[..., 4:60, 4:60]))  # centre
+    model = ReidNet(load_config(None, ["model.backbone=test_efficientnet", "model.embedding_dim=8"]).model).eval()
+    unit = lambda e: torch.nn.functional.normalize(e, dim=1)  # noqa: E731
+    sizes = []
+    model.register_forward_hook(lambda mod, args, out: sizes.append(len(args[0])))
+    with torch.no_grad():
+        want = unit(sum(unit(model(c)) + unit(model(torch.flip(c, dims=[3]))) for c in v.split(2)))
+        sizes.clear()
+        got = embed_batch(model, x, five_crop=True)
+        assert sizes == [12, 12]  # the six views in one forward pass, their mirrors in another
+        torch.testing.assert_close(got, want)
+        assert (got - embed_batch(model, x)).abs().max() > 1e-3  # the crops change the embedding
+
+
+def test_onnx_export_with_five_crop_tta_fits_any_batch_size(tmp_path):
+    import onnxruntime as ort
+
+    from reid.export import Embedder
+    from reid.inference import embed_batch
+
+    model = ReidNet(load_config(None, ["model.backbone=test_efficientnet", "model.embedding_dim=8"]).model).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Embedder(model, True, True), (torch.rand(2, 3, 64, 64),), str(path), input_names=["images"],
+                      opset_version=17, dynamo=False, dynamic_axes={"images": {0: "batch"}})
+    x = torch.rand(3, 3, 64, 64)  # another batch size than the export's
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, embed_batch(model, x, True, five_crop=True).numpy(), atol=1e-4)
+
+
 def test_band_pooling_for_onnx_export_equals_adaptive_pooling(monkeypatch):
     from reid.model import stripe_mean
 
