@@ -236,3 +236,60 @@ def test_optimisation_switches_change_the_rate_the_steps_and_the_validated_weigh
     ema = dict(trainer.ema.module.named_parameters())["backbone.conv_stem.weight"]
     after = list(trainer.model.parameters())[conv]
     assert torch.allclose(ema, 0.5 * before[conv] + 0.5 * after, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_norm_the_optimizer_steps_with(tmp_path, tiny_set):
+    norms = {}
+    for clip in (0.0, 1e-3):
+        cfg = load_config(None, [f"data.root={tiny_set}", *TINY, f"train.grad_clip={clip}"])
+        trainer = Trainer(cfg, tmp_path / "r")
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        real = trainer.optimizer.step
+
+        def step(*args, real=real, params=params, clip=clip, **kwargs):  # the gradient as the optimizer sees it
+            norms[clip] = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            return real(*args, **kwargs)
+
+        trainer.optimizer.step = step
+        trainer._step(next(iter(trainer.loader)), torch.Generator().manual_seed(0), 0)
+    assert norms[1e-3] <= 1e-3 * 1.001 and norms[0.0] > 10 * 1e-3  # unclipped, the same batch's gradient is larger
+
+
+def test_random_erasing_replaces_patches_only_when_switched_on():
+    plain = build_transform(load_config(None, STILL).aug, False)(image=PHOTO)["image"]
+    kept = build_transform(load_config(None, [*STILL, "aug.erasing=0"]).aug, True)(image=PHOTO)["image"]
+    assert torch.allclose(kept, plain, atol=1e-5)
+    tf = build_transform(load_config(None, [*STILL, "aug.erasing=1"]).aug, True)
+    for seed in range(5):
+        tf.set_random_seed(seed)
+        changed = (tf(image=PHOTO)["image"] - plain).abs().amax(0) > 1e-4  # (H, W): pixels inside a hole
+        assert 0.005 < changed.float().mean() < 0.3  # one to three holes of 10-30 % of each side
+
+
+def test_box_file_choice_and_margin_jitter_follow_the_seed(tmp_path):
+    import cv2
+
+    from reid.data import PhotoDataset
+
+    ramp = np.tile(np.linspace(0, 255, 200, dtype=np.uint8)[None, :, None], (100, 1, 3))  # brightness = column
+    cv2.imwrite(str(tmp_path / "p.png"), ramp)
+    fin, body = {"p.png": (80.0, 30.0, 120.0, 70.0)}, {"p.png": (0.0, 0.0, 200.0, 100.0)}
+
+    def mean(ds, seed):
+        return float(ds[(0, seed)][0].mean())
+
+    def dataset(probs, jitter):
+        return PhotoDataset([str(tmp_path / "p.png")], [0], [fin, body], ["p.png"], 16, margin=0.2, jitter=jitter,
+                            box_probs=probs)
+
+    assert {round(mean(dataset([1, 0], 0.0), s), 3) for s in range(6)} == {round(mean(dataset([1, 0], 0.0), 0), 3)}
+    assert abs(mean(dataset([1, 0], 0.0), 0) - 255 / 2) < 3 and abs(mean(dataset([0, 1], 0.0), 0) - 255 / 2) < 3
+    narrow = dataset([1, 0], 0.0)[(0, 0)][0].astype(float)
+    whole = dataset([0, 1], 0.0)[(0, 0)][0].astype(float)
+    assert np.ptp(narrow[8, :, 0]) < 0.4 * np.ptp(whole[8, :, 0])  # the fin box spans a fifth of the ramp
+    jittered = dataset([1, 0], 0.2)
+    spans = {round(float(np.ptp(jittered[(0, s)][0][8, :, 0].astype(float))), 1) for s in range(6)}
+    assert len(spans) > 1  # the margin varies with the seed
+    assert np.array_equal(jittered[(0, 3)][0], jittered[(0, 3)][0])  # and one seed crops alike in any worker
+    mixed = dataset([0.5, 0.5], 0.0)
+    assert len({round(float(np.ptp(mixed[(0, s)][0][8, :, 0].astype(float)))) for s in range(12)}) == 2
