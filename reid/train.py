@@ -250,8 +250,10 @@ def build_networks(cfg: Config, device: torch.device, labels: pd.Series, n_class
     """The network, its margin head and the level heads (deep supervision) on `device`; the heads know each class's
     photo count (`labels`) for margins that grow for rare individuals."""
     model = ReidNet(cfg.model, n_species if cfg.loss.species_weight else 0)
-    if cfg.model.sync_bn and distributed.world_size() > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.sync_bn and distributed.world_size() > 1:  # timm's: torch's drops the activation of a BatchNormAct
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
     if cfg.train.zero_init_last:
         log.info("zero-initialised the last norm of %d residual blocks", zero_init_last(model))
     model.to(device, memory_format=memory_format(cfg))

@@ -293,3 +293,36 @@ def test_box_file_choice_and_margin_jitter_follow_the_seed(tmp_path):
     assert np.array_equal(jittered[(0, 3)][0], jittered[(0, 3)][0])  # and one seed crops alike in any worker
     mixed = dataset([0.5, 0.5], 0.0)
     assert len({round(float(np.ptp(mixed[(0, s)][0][8, :, 0].astype(float)))) for s in range(12)}) == 2
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_or_by_steps_or_by_the_clock():
+    from reid.optim import lr_lambda
+
+    cosine, step = lr_lambda(110, 10, "cosine"), lr_lambda(110, 10, "step")
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # warmup, the same for both
+    assert [step(s) for s in (0, 9)] == pytest.approx([0.1, 1.0])
+    assert [cosine(s) for s in (10, 60, 110)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-9)
+    assert [step(s) for s in (10, 69, 70, 94, 95, 110)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    done = [0.0]
+    clock = lr_lambda(110, 0, "cosine", progress=lambda: done[0])  # a time budget: the share of time spent rules
+    assert clock(100) == pytest.approx(1.0)
+    done[0] = 0.5
+    assert clock(1) == pytest.approx(0.5)
+
+
+def test_sync_bn_converts_every_norm_and_keeps_the_network_when_several_processes_train(monkeypatch):
+    from reid import distributed
+    from reid.train import build_networks
+
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.embedding_dim=8", "model.sync_bn=true"])
+    labels = __import__("pandas").Series([0, 1, 1])
+    norms = lambda m: {type(x).__name__ for x in m.modules() if "Norm" in type(x).__name__}  # noqa: E731
+    torch.manual_seed(0)
+    alone, _, _ = build_networks(cfg, torch.device("cpu"), labels, 2, 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    torch.manual_seed(0)
+    shared, _, _ = build_networks(cfg, torch.device("cpu"), labels, 2, 1)
+    assert norms(alone) == {"BatchNormAct2d", "BatchNorm1d"} and norms(shared) == {"SyncBatchNormAct", "SyncBatchNorm"}
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # the same weights compute the same function: the activations inside the norms are kept
+        torch.testing.assert_close(shared.eval()(x), alone.eval()(x))
