@@ -132,7 +132,6 @@ class PredictConfig:
     five_crop: bool = False  # multi-crop TTA: the photo and its four corner and centre crops (ten with flip_tta)
     k: int = 50  # neighbours fetched per query
     threshold: float | None = None  # None: the threshold tuned on validation
-    gallery: str = "photo"  # photo | individual (mean embedding per individual)
     index: str = "flat"  # flat (exact) | hnsw | ivf (approximate, for million-photo catalogues)
     policy: str = "similarity"  # new_individual: similarity threshold | share of test photos | species thresholds
     new_share: float | None = None  # share policy: target share of new-first answers (None: as on validation)
@@ -160,13 +159,12 @@ CHOICES = {
     "train.optimizer": {"adamw", "sgd", "adabound"},
     "train.schedule": {"cosine", "step"},
     "train.device": {"auto", "cpu", "cuda"},
-    "predict.gallery": {"photo", "individual"},
     "predict.index": {"flat", "hnsw", "ivf"},
     "predict.policy": {"similarity", "share", "species"},
 }
 # keys of earlier versions, with the value they had by default: a saved run's config.yaml that holds one still loads
 RETIRED = {"model.pyramid": False, "model.level_norm": False, "model.output_stride": 32, "aug.progressive": 0.0,
-           "aug.perspective": 0.0}
+           "aug.perspective": 0.0, "predict.gallery": "photo"}
 RANGES = {  # inclusive bounds
     "data.image_size": (16, 4096), "data.crop_margin": (0.0, 2.0), "data.crop_jitter": (0.0, 1.0),
     "data.num_workers": (0, 256), "split.val_fraction": (0.0, 0.9), "split.new_share": (0.0, 1.0),

@@ -79,7 +79,7 @@ def predict(runs: list[Path], data: Path | None = None, out: Path | None = None,
         centres = retrieval.stand_in_centres(emb["gallery"][ok["gallery"]], labels[ok["gallery"]], *centres)
     check_search(retrieval.search_settings(cfg.predict, centres is not None), tuned, cfg)
     ids, sims = retrieval.candidates(emb["test"], emb["gallery"][ok["gallery"]], labels[ok["gallery"]],
-                                     cfg.predict.k, cfg.predict.gallery, cfg.predict.index, qe, rerank, centres,
+                                     cfg.predict.k, cfg.predict.index, qe, rerank, centres,
                                      cfg.predict.centre_weight)
     species_of = dict(zip(gallery_df.individual_id, gallery_df.species, strict=True))
     groups = np.array([species_of.get(i, "") for i in ids[:, 0]])

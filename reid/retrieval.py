@@ -304,14 +304,11 @@ def stand_in_centres(emb: np.ndarray, labels: np.ndarray, centres: np.ndarray, c
     return vectors, np.concatenate([centre_ids, ids]), np.concatenate([scale, np.full(len(ids), a, np.float32)])
 
 
-def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int = 50, gallery_mode: str = "photo",
-               index: str = "flat", query_expansion: int = 0, rerank: bool = False, centres=None,
-               centre_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Top individuals per query (ids, sims), from a photo gallery or one mean vector per individual,
-    optionally after query expansion and k-reciprocal re-ranking, and blended with the class centres
-    (`centres`: (vectors, ids)) at `centre_weight`."""
-    if gallery_mode == "individual":
-        gallery, labels = individual_gallery(gallery, labels)
+def candidates(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, k: int = 50, index: str = "flat",
+               query_expansion: int = 0, rerank: bool = False, centres=None, centre_weight: float = 0.0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Top individuals per query (ids, sims) by their best gallery photo, optionally after query expansion and
+    k-reciprocal re-ranking, and blended with the class centres (`centres`: (vectors, ids)) at `centre_weight`."""
     scores, indices = search(queries, gallery, k, kind=index)
     if query_expansion:
         queries = expand_queries(queries, gallery, scores, indices, query_expansion)
@@ -346,7 +343,7 @@ def tune_policies(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray, 
     """Validation MAP@5 under each new_individual policy, with what predict needs to apply them to test photos:
     the tuned threshold and its curve, the new-first share it gives, per-species thresholds, and whether query
     expansion helped. `centres`: the class centres and their individual ids, blended in at predict.centre_weight."""
-    kw = {"k": pcfg.k, "gallery_mode": pcfg.gallery, "index": pcfg.index, "centres": centres,
+    kw = {"k": pcfg.k, "index": pcfg.index, "centres": centres,
           "centre_weight": pcfg.centre_weight}
     ids, sims = candidates(queries, gallery, labels, **kw)
     tuned = tune_threshold(ids, sims, truths)

@@ -46,7 +46,7 @@ def test_override_syntax():
 def test_a_retired_key_loads_at_its_old_default_and_is_refused_otherwise(tmp_path):
     path = tmp_path / "config.yaml"  # as an earlier version saved it in a run folder
     path.write_text("model:\n  pyramid: false\n  level_norm: false\n  output_stride: 32\n  stripes: 2\n"
-                    "aug:\n  progressive: 0.0\n  perspective: 0.0\n")
+                    "aug:\n  progressive: 0.0\n  perspective: 0.0\npredict:\n  gallery: photo\n")
     assert load_config(path) == load_config(None, ["model.stripes=2"])
     path.write_text("model:\n  output_stride: 16\n")
     with pytest.raises(ConfigError, match=r"'model\.output_stride' is no longer supported \(model\.output_stride=16\)"):

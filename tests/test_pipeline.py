@@ -105,7 +105,7 @@ def test_threshold_override_and_real_layout_without_boxes(trained, tiny_set, tmp
     shutil.copytree(tiny_set, data, ignore=shutil.ignore_patterns("crops.csv", "solution.csv"))
     out = tmp_path / "s.csv"
     assert main(["predict", "--run", str(trained), "--data", str(data), "--out", str(out),
-                 "predict.threshold=1.5", "predict.gallery=individual"]) == 0
+                 "predict.threshold=1.5"]) == 0
     assert pd.read_csv(out).predictions.str.startswith("new_individual").all()
 
 
