@@ -7,6 +7,8 @@ checkpoint (last.pt: model and class centres) searched each way, so a search-tim
 from __future__ import annotations
 
 import argparse
+import csv
+import sys
 from pathlib import Path
 
 from reid.config import load_config
@@ -36,11 +38,12 @@ def main() -> None:
     p.add_argument("--set", nargs="+", default=["predict.centre_weight=0", "predict.centre_weight=0.5"],
                    help="config overrides, one search setting each")
     args = p.parse_args()
-    print("run,seed,setting,val_map5,val_map5_known,val_map5_new")
+    out = csv.writer(sys.stdout)  # quoted where a setting holds commas (a list of TTA sides)
+    out.writerow(["run", "seed", "setting", "val_map5", "val_map5_known", "val_map5_new"])
     for run in args.runs:
         for r in rescore(run, args.set):
-            print(f"{r['run']},{r['seed']},{r['setting']},{r['val_map5']:.4f},{r['val_map5_known']:.4f},"
-                  f"{r['val_map5_new']:.4f}", flush=True)
+            out.writerow([r["run"], r["seed"], r["setting"], *(f"{r[k]:.4f}" for k in list(r)[3:])])
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":
