@@ -220,9 +220,9 @@ def _merge(obj, updates: dict, prefix: str = "") -> None:
     for key, value in updates.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            if name in RETIRED and value == RETIRED[name]:
-                continue  # an earlier version's key at the value it had by default: nothing to apply
             if name in RETIRED:
+                if value == RETIRED[name]:
+                    continue  # an earlier version's key at the value it had by default: nothing to apply
                 raise ConfigError(f"config key '{name}' is no longer supported ({name}={value!r}); delete it, or use "
                                   "the reid version that wrote this config")
             known = ", ".join(f"{prefix}{k}" for k in hints)
